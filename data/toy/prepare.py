@@ -1,0 +1,273 @@
+"""
+The embedded toy benchmark: a small synthetic fine-grained retrieval benchmark in M-BEIR format,
+generated deterministically from a seed in seconds, plus a byte-level BPE tokenizer trained on its text.
+
+    python data/toy/prepare.py                      # writes data/toy/{query,cand_pool,qrels,images,tokenizer}
+    python data/toy/prepare.py --seed=7 --n_test=50
+
+Every image is 112x112: a big shape (4 shapes x 6 colours) on a noisy grey background and a small
+tag near one of the 4 corners: a grey disc carrying a dark 8x8 texture, one of 4 (horizontal, vertical
+or diagonal 1 px stripes, or checks; equal ink). A family is (shape, colour, corner); its 4 members differ only
+in the tag's texture: the deciding detail.
+
+Resolutions, and why:
+- prompt view 28x28 (max_pixels 784 = one LLM token per image): shape, colour and the corner where the
+  dark tag sits are visible, but the 4x antialiased downscale averages 1 px stripes into the same grey
+  dot. Stage-0 retrieval and the reranking prompt see candidates at this resolution. An MLP probe
+  trained on the exact prompt-view pixels of the tag's corner reads the texture at chance (25%;
+  tests/test_toy_data.py): the tag's random position, stripe phase and disc offset hide the rest.
+- tool view: crop_image on the named corner, e.g. bbox [0, 0, 0.4, 0.4] for top-left, pads by 10% of
+  the image and returns exactly the 56x56 quadrant at native scale (4 tokens); select_images returns
+  the whole 112x112 image (16 tokens). The tag lies inside one 14 px patch of both views (jittered by
+  up to 6 px within it), where a small vision encoder can learn it (REFERENCE §9).
+
+Two tasks, each with its own M-BEIR local pool (same images, different dataset ids):
+- dataset 1 "toyt2i", task 0 (text -> image): "a red circle with a small plus in its top-left corner".
+- dataset 2 "toycir", task 7 (image + text -> image): a reference image from the pool (as in CIRR)
+  and "like this one, but blue, with a checkered tag in the corner"; the target keeps the reference's
+  corner and its unchanged attribute, changes one of colour/shape, and has the named texture.
+Train and test have separate pools rendered from different random draws, so no test image is seen in
+training; queries are sampled independently per split.
+"""
+
+import json
+import os
+import random
+import sys
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from configurator import configure  # noqa: E402
+
+# -----------------------------------------------------------------------------
+out_dir = "data/toy"   # where the benchmark is written
+seed = 1337            # everything below is a deterministic function of this seed
+n_train = 1536         # training queries per task
+n_test = 100           # test queries per task
+vocab_size = 1024      # BPE vocabulary (before special tokens)
+# -----------------------------------------------------------------------------
+
+IMAGE_SIZE = 112
+SHAPES = ["circle", "square", "triangle", "diamond"]
+COLOURS = {"red": (215, 45, 45), "green": (45, 160, 70), "blue": (50, 90, 215),
+           "yellow": (225, 195, 40), "purple": (145, 65, 185), "orange": (235, 130, 30)}
+CORNERS = ["top-left", "top-right", "bottom-left", "bottom-right"]
+# 8x8 tag textures of 1 px stripes, each half inked: equal ink, and their differences lie at the
+# finest frequency, which the 4x antialiased downscale to the prompt view removes
+MARKS = ["hstripes", "vstripes", "checks", "diagonal"]
+MARK_NAMES = {"hstripes": "a horizontally striped tag", "vstripes": "a vertically striped tag",
+              "checks": "a checkered tag", "diagonal": "a diagonally striped tag"}
+CROP_BOXES = {"top-left": [0.0, 0.0, 0.4, 0.4], "top-right": [0.6, 0.0, 1.0, 0.4],
+              "bottom-left": [0.0, 0.6, 0.4, 1.0], "bottom-right": [0.6, 0.6, 1.0, 1.0]}
+DATASETS = [(1, "toyt2i", 0), (2, "toycir", 7)]  # (dataset id, name, M-BEIR task id)
+INSTRUCTIONS = {
+    0: ["Retrieve the image that matches the description.",
+        "Find the picture described by this text.",
+        "Which image fits the following description?",
+        "Identify the image this sentence describes."],
+    7: ["Retrieve the image that looks like the given image but with the described change.",
+        "Find the picture that matches this image after the requested modification.",
+        "Modify the reference image as described and retrieve the result.",
+        "Which image is the given one, changed as the text says?"],
+}
+T2I_TEMPLATES = [
+    "a {colour} {shape} with {mark} in the {corner} corner",
+    "A {colour} {shape}; the small tag in its {corner} corner is {mark}.",
+    "Find the {colour} {shape} that has {mark} near the {corner} corner.",
+    "{colour} {shape}, {corner} corner marked with {mark}",
+    "Show me a {shape} in {colour} with {mark} drawn at the {corner}.",
+    "I want the {colour} {shape} whose {corner} tag is {mark}.",
+]
+CIR_TEMPLATES = {
+    "colour": ["Make it {colour} and give it {mark} in the corner.",
+               "Like this one, but {colour}, with {mark} in the corner.",
+               "The same shape in {colour}; the tag should be {mark}.",
+               "Change the colour to {colour} and the tag to {mark}."],
+    "shape": ["Make it a {shape} and give it {mark} in the corner.",
+              "Like this one, but a {shape}, with {mark} in the corner.",
+              "The same colour as a {shape}; the tag should be {mark}.",
+              "Change the shape to a {shape} and the tag to {mark}."],
+}
+
+
+def mark_pattern(mark, phase):
+    """An 8x8 boolean tag texture with exactly 32 inked pixels; phase shifts the stripes."""
+    yy, xx = np.mgrid[0:8, 0:8]
+    if mark == "hstripes":
+        return (yy + phase) % 2 == 0
+    if mark == "vstripes":
+        return (xx + phase) % 2 == 0
+    if mark == "checks":
+        return (xx + yy + phase) % 2 == 0
+    return (xx + yy + phase) % 4 < 2  # diagonal
+
+
+def render(shape, colour, corner, mark, rng):
+    """One 112x112 image; rng jitters background, shape size/position/colour, tag position/phase/ink."""
+    S = IMAGE_SIZE
+    bg = int(rng.integers(222, 243))
+    pixels = np.clip(bg + rng.integers(-6, 7, size=(S, S, 1)), 0, 255).repeat(3, axis=2).astype(np.uint8)
+    img = Image.fromarray(pixels)
+    draw = ImageDraw.Draw(img)
+    cx, cy = 56 + rng.integers(-3, 4), 56 + rng.integers(-3, 4)
+    r = int(rng.integers(26, 31))
+    fill = tuple(int(np.clip(c + rng.integers(-12, 13), 0, 255)) for c in COLOURS[colour])
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        q = int(r * 0.85)
+        draw.rectangle([cx - q, cy - q, cx + q, cy + q], fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx + r, cy + int(r * 0.8)), (cx - r, cy + int(r * 0.8))], fill=fill)
+    else:  # diamond
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+    # the tag: an 8x8 texture inside the 14 px patch [14, 28) from its corner (mirrored for right and
+    # bottom), on a grey disc that makes the corner visible at the prompt view; the disc's own random
+    # offset keeps it from telling where the texture's stripes lie
+    jx, jy = int(rng.integers(0, 7)), int(rng.integers(0, 7))
+    x0 = 14 + jx if "left" in corner else S - 22 - jx
+    y0 = 14 + jy if "top" in corner else S - 22 - jy
+    dx, dy = x0 + 4 + rng.uniform(-2, 2), y0 + 4 + rng.uniform(-2, 2)
+    grey = int(rng.integers(95, 125))
+    draw.ellipse([dx - 8, dy - 8, dx + 8, dy + 8], fill=(grey, grey, grey))
+    pixels = np.asarray(img).copy()
+    texture = pixels[y0:y0 + 8, x0:x0 + 8]
+    texture[mark_pattern(mark, int(rng.integers(0, 4)))] = int(rng.integers(0, 30))
+    return Image.fromarray(pixels)
+
+
+def families():
+    return [(s, c, k) for s in SHAPES for c in COLOURS for k in CORNERS]
+
+
+def make_split(split, n_queries, rng, root):
+    """Render this split's pool and reference images and write its queries, pools and qrels."""
+    pool = [(s, c, k, m) for (s, c, k) in families() for m in MARKS]  # 384 images
+    os.makedirs(os.path.join(root, "images", split, "pool"), exist_ok=True)
+    img_paths = []
+    for i, attrs in enumerate(pool):
+        path = f"images/{split}/pool/{i}.png"
+        render(*attrs, rng).save(os.path.join(root, path))
+        img_paths.append(path)
+    texts = []
+    for dataset_id, name, task_id in DATASETS:
+        tag = f"mbeir_{name}_task{task_id}_{split}"
+        cands = [{"did": f"{dataset_id}:{i}", "txt": "", "img_path": p, "modality": "image",
+                  "attributes": dict(zip(["shape", "colour", "corner", "mark"], pool[i]))}
+                 for i, p in enumerate(img_paths)]
+        queries, qrels = [], []
+        for n in range(n_queries):
+            target = int(rng.integers(len(pool)))
+            shape, colour, corner, mark = pool[target]
+            q = {"qid": f"{dataset_id}:{n}", "query_txt": "", "query_img_path": None, "query_modality": "text",
+                 "pos_cand_list": [f"{dataset_id}:{target}"], "neg_cand_list": [], "task_id": task_id}
+            if task_id == 0:
+                tpl = T2I_TEMPLATES[int(rng.integers(len(T2I_TEMPLATES)))]
+                q["query_txt"] = tpl.format(colour=colour, shape=shape, corner=corner, mark=MARK_NAMES[mark])
+            else:
+                # the reference (a pool image) differs from the target in one coarse attribute and any texture
+                changed = ["colour", "shape"][int(rng.integers(2))]
+                ref_shape, ref_colour = shape, colour
+                if changed == "colour":
+                    ref_colour = str(rng.choice([c for c in COLOURS if c != colour]))
+                else:
+                    ref_shape = str(rng.choice([s for s in SHAPES if s != shape]))
+                ref_path = img_paths[pool.index((ref_shape, ref_colour, corner, str(rng.choice(MARKS))))]
+                tpls = CIR_TEMPLATES[changed]
+                tpl = tpls[int(rng.integers(len(tpls)))]
+                q.update(query_txt=tpl.format(colour=colour, shape=shape, mark=MARK_NAMES[mark]),
+                         query_img_path=ref_path, query_modality="image,text")
+            queries.append(q)
+            qrels.append(f"{q['qid']} 0 {q['pos_cand_list'][0]} 1 {task_id}")
+            texts.append(q["query_txt"])
+        write_jsonl(os.path.join(root, "query", split, f"{tag}.jsonl"), queries)
+        write_jsonl(os.path.join(root, "cand_pool", split, f"{tag}_cand_pool.jsonl"), cands)
+        write_text(os.path.join(root, "qrels", split, f"{tag}_qrels.txt"), "\n".join(qrels) + "\n")
+    return texts
+
+
+def write_jsonl(path, records):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def write_text(path, text):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# Qwen's special tokens (<|...|>) plus the tags our prompts use, each a single token.
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+TAG_TOKENS = ["<tool_call>", "</tool_call>", "<tools>", "</tools>", "<think>", "</think>",
+              "<answer>", "</answer>", "<emb>"]
+
+
+def prompt_corpus():
+    """Text the later stages put around queries (prompts, tool calls, observations, answers), so the
+    tokenizer encodes it compactly. Any text still encodes: the BPE falls back to bytes."""
+    lines = [f"({i}) " for i in range(1, 51)] + [f"[{', '.join(map(str, range(1, k + 1)))}]" for k in range(1, 21)]
+    for corner, box in CROP_BOXES.items():
+        for i in range(0, 21):
+            lines.append(json.dumps({"name": "crop_image", "arguments": {"bbox_2d": box, "target_image": i}}))
+    for i in range(0, 21):
+        lines.append(json.dumps({"name": "select_images", "arguments": {"target_images": [i, i + 1]}}))
+    lines += ["user", "assistant", "system"] * 20
+    lines += ["Here is the cropped image. (Image Size: 56x56)",
+              "Here are the selected images for detailed analysis. (Image Size: 112x112, Numbered 1 to 2):",
+              "Your action is not valid, please check the format and try again.",
+              "You are a retrieval assistant. Rank the candidates from most to least relevant to the query.",
+              "Query: Candidates: Guidelines: rank all candidates, answer as",
+              "Summarize above image in one word: Summarize above sentence in one word:",
+              "The mark is too small to see here, so I zoom into the corner. Candidate matches the query."]
+    lines += [f"{c} {s} {k} mark {m} {MARK_NAMES[m]} corner" for s in SHAPES for c in COLOURS
+              for k in CORNERS for m in MARKS]
+    for tpls in INSTRUCTIONS.values():
+        lines += tpls
+    return lines
+
+
+def train_tokenizer(texts, root):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    bpe.train_from_iterator(texts, trainer)
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    tok = Qwen2Tokenizer(vocab=model["vocab"], merges=merges, unk_token=None, bos_token=None,
+                         eos_token="<|im_end|>", pad_token="<|endoftext|>", errors="replace")
+    tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})  # endoftext is the pad token
+    tok.add_tokens(TAG_TOKENS)  # like Qwen's <tool_call>: single tokens that decoding keeps
+    tok.save_pretrained(os.path.join(root, "tokenizer"))
+    return tok
+
+
+def main():
+    rng = np.random.default_rng(seed)
+    random.seed(seed)
+    texts = []
+    for split, n in [("train", n_train), ("test", n_test)]:
+        texts += make_split(split, n, rng, out_dir)
+    meta = {"seed": seed, "image_size": IMAGE_SIZE, "shapes": SHAPES, "colours": list(COLOURS), "corners": CORNERS,
+            "marks": MARKS, "mark_names": MARK_NAMES, "crop_boxes": CROP_BOXES,
+            "prompt_max_pixels": 28 * 28, "tool_max_pixels": IMAGE_SIZE * IMAGE_SIZE}
+    write_text(os.path.join(out_dir, "meta.json"), json.dumps(meta, indent=2))
+    instructions = {str(d): INSTRUCTIONS[t] for d, _, t in DATASETS}  # dataset id -> 4 task instructions
+    write_text(os.path.join(out_dir, "instructions.json"), json.dumps(instructions, indent=2))
+    tok = train_tokenizer(texts + prompt_corpus(), out_dir)
+    print(f"toy benchmark in {out_dir}: {len(families()) * len(MARKS)} pool images per split, "
+          f"{n_train}/{n_test} train/test queries per task, tokenizer of {len(tok)} tokens")
+
+
+if __name__ == "__main__":
+    configure(globals())
+    main()

@@ -1,0 +1,224 @@
+"""
+Stage 0, part 1: LamRA-style embeddings of queries and candidate pools.
+
+The embedding of an item is the VLM's final hidden state (after the last norm) at a summary position
+that closes the item's prompt, L2-normalised; similarity is the dot product. The prompt, rendered with
+the chat template in this repo:
+
+    <|im_start|>user
+    [<image>]{instruction} {query text}           (a candidate: [<image>]{candidate text})
+    Summarize above {image and sentence | image | sentence} in one word:<|im_end|>
+    <|im_start|>assistant
+    <emb>                                          <- summary position (the last token when the
+                                                      tokenizer has no <emb>, as in a plain Qwen)
+
+The toy embedder is trained here from scratch with in-batch InfoNCE on the toy train split; with a real
+checkpoint (e.g. a LamRA retriever) set train_steps=0 and it only encodes.
+
+    python embed.py config/toy.py                                    # train the toy embedder, encode
+    python embed.py config/toy.py --init_from=out/toy/embed/model --train_steps=0   # encode only
+    torchrun --nproc_per_node=8 embed.py --init_from=/ckpt/LamRA-Ret --train_steps=0 \\
+        --data_root=/data/M-BEIR --query_files=... --pool_files=... --embed_max_pixels=200704
+
+Writes {out_dir}/emb/{name}.npy (float32, N x D) and {name}.ids.json for every query and pool file.
+"""
+
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+from configurator import configure
+
+# -----------------------------------------------------------------------------
+data_root = "data/toy"   # image paths and the file lists below are relative to it
+query_files = "query/test/mbeir_toyt2i_task0_test.jsonl,query/test/mbeir_toycir_task7_test.jsonl"  # to encode
+pool_files = "cand_pool/test/mbeir_toyt2i_task0_test_cand_pool.jsonl,cand_pool/test/mbeir_toycir_task7_test_cand_pool.jsonl"
+train_query_files = "query/train/mbeir_toyt2i_task0_train.jsonl,query/train/mbeir_toycir_task7_train.jsonl"
+train_pool_files = "cand_pool/train/mbeir_toyt2i_task0_train_cand_pool.jsonl,cand_pool/train/mbeir_toycir_task7_train_cand_pool.jsonl"
+instructions_file = "instructions.json"  # dataset id -> task instructions ('' = none)
+out_dir = "out/toy/embed"  # emb/ and (after training) model/ go here
+init_from = "scratch"    # 'scratch' builds a tiny model; else a local Hugging Face directory
+arch = "qwen2_5_vl"      # scratch only: qwen2_vl | qwen2_5_vl | qwen3_vl
+tokenizer_dir = "data/toy/tokenizer"  # scratch only
+n_layer = 4              # scratch only: LLM size ...
+n_embd = 128
+n_head = 4
+n_kv_head = 2
+vision_depth = 2         # ... and vision tower size
+vision_hidden = 64
+embed_min_pixels = 784   # images are resized Qwen-style into [min, max] pixels before encoding
+embed_max_pixels = 784   # 784 = 28x28 = one token: the toy's coarse prompt view
+train_steps = 400        # contrastive fine-tuning steps (0 = encode only)
+batch_size = 64          # queries per step; the other queries' positives are the negatives
+learning_rate = 1e-3
+vision_lr_mult = 1.0     # learning-rate multiplier for the vision tower (a from-scratch tower learns slowly)
+weight_decay = 0.01
+warmup_steps = 20
+temperature = 0.05       # InfoNCE temperature
+encode_batch_size = 64
+dtype = "float32"        # float32 | bfloat16
+seed = 1337
+# -----------------------------------------------------------------------------
+
+
+def item_messages(text, has_image, instruction=""):
+    content = [{"type": "image"}] if has_image else []
+    what = "image and sentence" if has_image and text else ("image" if has_image else "sentence")
+    body = f"{instruction} {text}".strip()
+    content.append({"type": "text", "text": f"{body}\nSummarize above {what} in one word:"})
+    return [{"role": "user", "content": content}]
+
+
+def render_items(items, processor):
+    """items: list of (text, image or None, instruction) -> model inputs, right-padded."""
+    texts, images = [], []
+    emb = "<emb>" if "<emb>" in processor.tokenizer.get_vocab() else ""
+    for text, image, instruction in items:
+        msgs = item_messages(text, image is not None, instruction)
+        texts.append(processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) + emb)
+        if image is not None:
+            images.append(image)
+    processor.tokenizer.padding_side = "right"
+    return processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+
+
+def embed_batch(model, processor, items, device):
+    batch = render_items(items, processor)
+    inputs = common.model_inputs(batch, device)
+    hidden = model.model(**inputs, use_cache=False).last_hidden_state  # (B, L, D), after the final norm
+    last = inputs["attention_mask"].sum(1) - 1  # (B,) the summary position of each right-padded row
+    summary = hidden[torch.arange(hidden.shape[0], device=device), last]  # (B, D)
+    return F.normalize(summary.float(), dim=-1)
+
+
+def main():
+    rank, local_rank, world_size, device = common.dist_setup()
+    common.seed_everything(seed + rank)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    files = lambda s: [f for f in s.split(",") if f]
+    path = lambda p: common.resolve_path(p, data_root)
+    instructions = common.read_json(path(instructions_file)) if instructions_file else {}
+    os.makedirs(os.path.join(out_dir, "emb"), exist_ok=True)
+
+    # model and processor
+    if init_from == "scratch":
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        model = common.build_tiny_model(arch, tokenizer, seed=seed, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
+                                        n_kv_head=n_kv_head, vision_depth=vision_depth, vision_hidden=vision_hidden)
+        processor = common.make_processor(tokenizer, common.ARCHS[arch][2], embed_min_pixels, embed_max_pixels)
+        model = model.to(device=device, dtype=torch_dtype)
+    else:
+        model = common.load_model(init_from, dtype=torch_dtype, device=device)
+        processor = common.load_processor(init_from, embed_min_pixels, embed_max_pixels)
+    factor = processor.image_processor.patch_size * processor.image_processor.merge_size
+    print0(f"embedder: {init_from} ({common.count_params(model) / 1e6:.2f}M params) on {device}, world {world_size}")
+
+    image_cache = {}
+
+    def image(rel):
+        if not rel:
+            return None
+        if rel not in image_cache:
+            img = common.load_image(path(rel))
+            image_cache[rel] = common.qwen_resize(img, embed_min_pixels, embed_max_pixels, factor)
+        return image_cache[rel]
+
+    def query_item(q):
+        return q["query_txt"] or "", image(q.get("query_img_path")), common.pick_instruction(instructions, q["qid"])
+
+    def cand_item(c):
+        return c.get("txt") or "", image(c.get("img_path")), ""
+
+    # contrastive training (toy embedder, or fine-tuning a real one on one process)
+    if train_steps > 0:
+        if world_size > 1:
+            raise SystemExit("embed.py trains on one process; run training without torchrun, then encode with it")
+        queries, cand_by_did = [], {}
+        for qf, pf in zip(files(train_query_files), files(train_pool_files), strict=True):
+            qs = common.read_jsonl(path(qf), required=("qid", "pos_cand_list"))
+            pool = common.read_jsonl(path(pf), required=("did",))
+            common.check_images(qs, "query_img_path", "qid", data_root)
+            common.check_images(pool, "img_path", "did", data_root)
+            cand_by_did.update({c["did"]: c for c in pool})
+            queries += [q for q in qs if any(d in cand_by_did for d in q["pos_cand_list"])]
+        print0(f"training on {len(queries)} queries for {train_steps} steps")
+        vision = [p for n, p in model.named_parameters() if ".visual." in f".{n}"]
+        others = [p for n, p in model.named_parameters() if ".visual." not in f".{n}"]
+        optimizer = torch.optim.AdamW([{"params": others, "lr_mult": 1.0}, {"params": vision, "lr_mult": vision_lr_mult}],
+                                      lr=learning_rate, weight_decay=weight_decay)
+        rng = np.random.default_rng(seed)
+        model.train()
+        t0 = time.time()
+        for step in range(train_steps):
+            lr = learning_rate * min(1.0, (step + 1) / warmup_steps) * 0.5 * (1 + math.cos(math.pi * step / train_steps))
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["lr_mult"]
+            batch = [queries[i] for i in rng.choice(len(queries), size=batch_size, replace=False)]
+            positives = [cand_by_did[next(d for d in q["pos_cand_list"] if d in cand_by_did)] for q in batch]
+            q_emb = embed_batch(model, processor, [query_item(q) for q in batch], device)  # (B, D)
+            c_emb = embed_batch(model, processor, [cand_item(c) for c in positives], device)  # (B, D)
+            logits = q_emb @ c_emb.T / temperature  # (B, B); row i's positive is column i
+            # two batch rows may share a target: do not push a query away from its own positive
+            dids = [c["did"] for c in positives]
+            same = torch.tensor([[a == b for b in dids] for a in dids], device=device) & ~torch.eye(len(dids), dtype=torch.bool, device=device)
+            logits = logits.masked_fill(same, float("-inf"))
+            labels = torch.arange(len(batch), device=device)
+            loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            if step % 25 == 0 or step == train_steps - 1:
+                acc = (logits.argmax(1) == labels).float().mean().item()
+                print0(f"step {step:4d} | loss {loss.item():.4f} | in-batch acc {acc:.2f} | lr {lr:.2e} | {time.time() - t0:.0f}s")
+        model.eval()
+        model.save_pretrained(os.path.join(out_dir, "model"))
+        processor.save_pretrained(os.path.join(out_dir, "model"))
+        print0(f"saved embedder to {out_dir}/model")
+
+    # encode every query and pool file; ranks take strided shards, rank 0 stitches them in order
+    model.eval()
+    for f, kind in [(f, "query") for f in files(query_files)] + [(f, "pool") for f in files(pool_files)]:
+        id_key, make_item = ("qid", query_item) if kind == "query" else ("did", cand_item)
+        records = common.read_jsonl(path(f), required=(id_key,))
+        common.check_images(records, "query_img_path" if kind == "query" else "img_path", id_key, data_root)
+        name = os.path.basename(f).removesuffix(".jsonl")
+        mine = list(range(rank, len(records), world_size))
+        chunks = []
+        with torch.no_grad():
+            for i in tqdm(range(0, len(mine), encode_batch_size), desc=f"encode {name}", disable=rank != 0):
+                items = [make_item(records[j]) for j in mine[i:i + encode_batch_size]]
+                chunks.append(embed_batch(model, processor, items, device).cpu().numpy())
+        emb = np.concatenate(chunks) if chunks else np.zeros((0, model.config.text_config.hidden_size), np.float32)
+        emb_path = os.path.join(out_dir, "emb", f"{name}.npy")
+        if world_size > 1:
+            np.save(f"{emb_path}.rank{rank}.npy", emb)
+            dist.barrier()
+        if rank == 0:
+            if world_size > 1:
+                shards = [np.load(f"{emb_path}.rank{r}.npy") for r in range(world_size)]
+                emb = np.zeros((len(records), shards[0].shape[1]), np.float32)
+                for r, shard in enumerate(shards):
+                    emb[r::world_size] = shard
+                    os.remove(f"{emb_path}.rank{r}.npy")
+            common.atomic_write(emb_path, lambda fh: np.save(fh, emb), mode="wb")
+            common.write_json(os.path.join(out_dir, "emb", f"{name}.ids.json"), [r[id_key] for r in records])
+        if world_size > 1:
+            dist.barrier()
+    print0(f"wrote embeddings to {out_dir}/emb")
+    common.dist_cleanup()
+
+
+print0 = common.print0
+
+if __name__ == "__main__":
+    configure(globals())
+    main()

@@ -1,0 +1,82 @@
+"""
+Stage 0, part 2: top-K candidates per query with faiss, within the query's own local pool.
+
+M-BEIR evaluates each query against the local pool of its own task/dataset, so query_files and
+pool_files are paired: the i-th query file is searched in the i-th pool file (a pool may repeat).
+Embeddings come from embed.py ({emb_dir}/{name}.npy and {name}.ids.json, name = file name without
+.jsonl). Similarity is the inner product of L2-normalised vectors (faiss IndexFlatIP, exact).
+
+    python retrieve.py config/toy.py
+    python retrieve.py --emb_dir=out/mbeir/emb --query_files=... --pool_files=... --top_k=50 --out=out/mbeir/ranked.jsonl
+
+Writes one JSON line per query, best first: {"qid", "task_id", "cands": [did...], "scores": [...]},
+and reports (never silently drops) queries whose positives are not in their pool.
+"""
+
+import os
+
+import faiss
+import numpy as np
+
+import common
+from configurator import configure
+
+# -----------------------------------------------------------------------------
+data_root = "data/toy"   # the file lists below are relative to it
+query_files = "query/test/mbeir_toyt2i_task0_test.jsonl,query/test/mbeir_toycir_task7_test.jsonl"
+pool_files = "cand_pool/test/mbeir_toyt2i_task0_test_cand_pool.jsonl,cand_pool/test/mbeir_toycir_task7_test_cand_pool.jsonl"
+emb_dir = "out/toy/embed/emb"  # embed.py's output
+top_k = 50               # candidates kept per query (M-BEIR reranking depth 50)
+ranked = "out/toy/ranked_test.jsonl"  # output ranked JSONL
+# -----------------------------------------------------------------------------
+
+
+def load_embeddings(name):
+    emb = np.load(os.path.join(emb_dir, f"{name}.npy")).astype(np.float32)  # (N, D)
+    ids = common.read_json(os.path.join(emb_dir, f"{name}.ids.json"))
+    if len(ids) != emb.shape[0]:
+        raise ValueError(f"{emb_dir}/{name}: {emb.shape[0]} vectors but {len(ids)} ids")
+    return emb, ids
+
+
+def search(query_emb, pool_emb, k):
+    """Exact inner-product top-k: (scores, indices), each (Q, min(k, N)), best first."""
+    index = faiss.IndexFlatIP(pool_emb.shape[1])
+    index.add(np.ascontiguousarray(pool_emb))
+    return index.search(np.ascontiguousarray(query_emb), min(k, pool_emb.shape[0]))
+
+
+def main():
+    name = lambda f: os.path.basename(f).removesuffix(".jsonl")
+    files = lambda s: [f for f in s.split(",") if f]
+    out, not_in_pool, not_in_top_k, n_queries = [], [], 0, 0
+    for qf, pf in zip(files(query_files), files(pool_files), strict=True):
+        queries = common.read_jsonl(common.resolve_path(qf, data_root), required=("qid", "task_id"))
+        q_emb, q_ids = load_embeddings(name(qf))
+        p_emb, p_ids = load_embeddings(name(pf))
+        if q_ids != [q["qid"] for q in queries]:
+            raise ValueError(f"{emb_dir}/{name(qf)}.ids.json does not match {qf}: re-run embed.py")
+        scores, indices = search(q_emb, p_emb, top_k)
+        pool = set(p_ids)
+        for q, row_scores, row_idx in zip(queries, scores, indices):
+            cands = [p_ids[i] for i in row_idx]
+            out.append({"qid": q["qid"], "task_id": q["task_id"], "cands": cands,
+                        "scores": [round(float(s), 6) for s in row_scores]})
+            positives = q.get("pos_cand_list", [])
+            if positives and not any(d in pool for d in positives):
+                not_in_pool.append(q["qid"])
+            elif positives and not any(d in positives for d in cands):
+                not_in_top_k += 1
+        n_queries += len(queries)
+        print(f"{name(qf)}: {len(queries)} queries searched in {name(pf)} ({len(p_ids)} candidates)")
+    common.write_jsonl(ranked, out)
+    print(f"wrote top-{top_k} for {n_queries} queries to {ranked}; "
+          f"positive outside the top-{top_k}: {not_in_top_k}")
+    if not_in_pool:
+        print(f"WARNING: {len(not_in_pool)} queries have no positive in their pool (kept, they count as misses): "
+              f"{', '.join(not_in_pool[:5])}")
+
+
+if __name__ == "__main__":
+    configure(globals())
+    main()
