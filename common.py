@@ -310,3 +310,10 @@ def pick_instruction(instructions, qid):
     """M-BEIR has 4 instructions per dataset/task; the original samples one at random, we pick by qid."""
     options = instructions.get(qid.split(":")[0]) if instructions else None
     return options[int(qid.split(":")[1]) % len(options)] if options else ""
+
+
+def new_cache(model):
+    """An empty KV cache for the model's language part (transformers 5.23: no cache_position argument,
+    positions go in as position_ids)."""
+    from transformers import DynamicCache
+    return DynamicCache(config=model.config.get_text_config())

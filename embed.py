@@ -13,11 +13,11 @@ the chat template in this repo:
                                                       tokenizer has no <emb>, as in a plain Qwen)
 
 The toy embedder is trained here from scratch with in-batch InfoNCE on the toy train split; with a real
-checkpoint (e.g. a LamRA retriever) set train_steps=0 and it only encodes.
+checkpoint (e.g. a LamRA retriever) set embed_train_steps=0 and it only encodes.
 
     python embed.py config/toy.py                                    # train the toy embedder, encode
-    python embed.py config/toy.py --init_from=out/toy/embed/model --train_steps=0   # encode only
-    torchrun --nproc_per_node=8 embed.py --init_from=/ckpt/LamRA-Ret --train_steps=0 \\
+    python embed.py config/toy.py --embed_init_from=out/toy/embed/model --embed_train_steps=0   # encode only
+    torchrun --nproc_per_node=8 embed.py --embed_init_from=/ckpt/LamRA-Ret --embed_train_steps=0 \\
         --data_root=/data/M-BEIR --query_files=... --pool_files=... --embed_max_pixels=200704
 
 Writes {out_dir}/emb/{name}.npy (float32, N x D) and {name}.ids.json for every query and pool file.
@@ -44,24 +44,24 @@ train_query_files = "query/train/mbeir_toyt2i_task0_train.jsonl,query/train/mbei
 train_pool_files = "cand_pool/train/mbeir_toyt2i_task0_train_cand_pool.jsonl,cand_pool/train/mbeir_toycir_task7_train_cand_pool.jsonl"
 instructions_file = "instructions.json"  # dataset id -> task instructions ('' = none)
 out_dir = "out/toy/embed"  # emb/ and (after training) model/ go here
-init_from = "scratch"    # 'scratch' builds a tiny model; else a local Hugging Face directory
-arch = "qwen2_5_vl"      # scratch only: qwen2_vl | qwen2_5_vl | qwen3_vl
+embed_init_from = "scratch"  # 'scratch' builds a tiny model; else a local Hugging Face directory
+arch = "qwen2_5_vl"        # scratch only: qwen2_vl | qwen2_5_vl | qwen3_vl
 tokenizer_dir = "data/toy/tokenizer"  # scratch only
-n_layer = 4              # scratch only: LLM size ...
-n_embd = 128
-n_head = 4
-n_kv_head = 2
-vision_depth = 2         # ... and vision tower size
-vision_hidden = 64
-embed_min_pixels = 784   # images are resized Qwen-style into [min, max] pixels before encoding
-embed_max_pixels = 784   # 784 = 28x28 = one token: the toy's coarse prompt view
-train_steps = 400        # contrastive fine-tuning steps (0 = encode only)
-batch_size = 64          # queries per step; the other queries' positives are the negatives
-learning_rate = 1e-3
-vision_lr_mult = 1.0     # learning-rate multiplier for the vision tower (a from-scratch tower learns slowly)
-weight_decay = 0.01
-warmup_steps = 20
-temperature = 0.05       # InfoNCE temperature
+embed_n_layer = 2          # scratch only: LLM size ...
+embed_n_embd = 128
+embed_n_head = 4
+embed_n_kv_head = 2
+embed_vision_depth = 1     # ... and vision tower size
+embed_vision_hidden = 64
+embed_min_pixels = 784     # images are resized Qwen-style into [min, max] pixels before encoding
+embed_max_pixels = 784     # 784 = 28x28 = one token: the toy's coarse prompt view
+embed_train_steps = 600    # contrastive training steps (0 = encode only)
+embed_batch_size = 64      # queries per step; the other queries' positives are the negatives
+embed_learning_rate = 2e-3
+embed_vision_lr_mult = 5.0  # the from-scratch vision tower learns too slowly at the LLM's rate
+embed_weight_decay = 0.01
+embed_warmup_steps = 50
+embed_temperature = 0.05   # InfoNCE temperature
 encode_batch_size = 64
 dtype = "float32"        # float32 | bfloat16
 seed = 1337
@@ -108,18 +108,19 @@ def main():
     os.makedirs(os.path.join(out_dir, "emb"), exist_ok=True)
 
     # model and processor
-    if init_from == "scratch":
+    if embed_init_from == "scratch":
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        model = common.build_tiny_model(arch, tokenizer, seed=seed, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
-                                        n_kv_head=n_kv_head, vision_depth=vision_depth, vision_hidden=vision_hidden)
+        model = common.build_tiny_model(arch, tokenizer, seed=seed, n_layer=embed_n_layer, n_embd=embed_n_embd,
+                                        n_head=embed_n_head, n_kv_head=embed_n_kv_head,
+                                        vision_depth=embed_vision_depth, vision_hidden=embed_vision_hidden)
         processor = common.make_processor(tokenizer, common.ARCHS[arch][2], embed_min_pixels, embed_max_pixels)
         model = model.to(device=device, dtype=torch_dtype)
     else:
-        model = common.load_model(init_from, dtype=torch_dtype, device=device)
-        processor = common.load_processor(init_from, embed_min_pixels, embed_max_pixels)
+        model = common.load_model(embed_init_from, dtype=torch_dtype, device=device)
+        processor = common.load_processor(embed_init_from, embed_min_pixels, embed_max_pixels)
     factor = processor.image_processor.patch_size * processor.image_processor.merge_size
-    print0(f"embedder: {init_from} ({common.count_params(model) / 1e6:.2f}M params) on {device}, world {world_size}")
+    print0(f"embedder: {embed_init_from} ({common.count_params(model) / 1e6:.2f}M params) on {device}, world {world_size}")
 
     image_cache = {}
 
@@ -138,7 +139,7 @@ def main():
         return c.get("txt") or "", image(c.get("img_path")), ""
 
     # contrastive training (toy embedder, or fine-tuning a real one on one process)
-    if train_steps > 0:
+    if embed_train_steps > 0:
         if world_size > 1:
             raise SystemExit("embed.py trains on one process; run training without torchrun, then encode with it")
         queries, cand_by_did = [], {}
@@ -149,23 +150,23 @@ def main():
             common.check_images(pool, "img_path", "did", data_root)
             cand_by_did.update({c["did"]: c for c in pool})
             queries += [q for q in qs if any(d in cand_by_did for d in q["pos_cand_list"])]
-        print0(f"training on {len(queries)} queries for {train_steps} steps")
+        print0(f"training on {len(queries)} queries for {embed_train_steps} steps")
         vision = [p for n, p in model.named_parameters() if ".visual." in f".{n}"]
         others = [p for n, p in model.named_parameters() if ".visual." not in f".{n}"]
-        optimizer = torch.optim.AdamW([{"params": others, "lr_mult": 1.0}, {"params": vision, "lr_mult": vision_lr_mult}],
-                                      lr=learning_rate, weight_decay=weight_decay)
+        optimizer = torch.optim.AdamW([{"params": others, "lr_mult": 1.0}, {"params": vision, "lr_mult": embed_vision_lr_mult}],
+                                      lr=embed_learning_rate, weight_decay=embed_weight_decay)
         rng = np.random.default_rng(seed)
         model.train()
         t0 = time.time()
-        for step in range(train_steps):
-            lr = learning_rate * min(1.0, (step + 1) / warmup_steps) * 0.5 * (1 + math.cos(math.pi * step / train_steps))
+        for step in range(embed_train_steps):
+            lr = embed_learning_rate * min(1.0, (step + 1) / embed_warmup_steps) * 0.5 * (1 + math.cos(math.pi * step / embed_train_steps))
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_mult"]
-            batch = [queries[i] for i in rng.choice(len(queries), size=batch_size, replace=False)]
+            batch = [queries[i] for i in rng.choice(len(queries), size=embed_batch_size, replace=False)]
             positives = [cand_by_did[next(d for d in q["pos_cand_list"] if d in cand_by_did)] for q in batch]
             q_emb = embed_batch(model, processor, [query_item(q) for q in batch], device)  # (B, D)
             c_emb = embed_batch(model, processor, [cand_item(c) for c in positives], device)  # (B, D)
-            logits = q_emb @ c_emb.T / temperature  # (B, B); row i's positive is column i
+            logits = q_emb @ c_emb.T / embed_temperature  # (B, B); row i's positive is column i
             # two batch rows may share a target: do not push a query away from its own positive
             dids = [c["did"] for c in positives]
             same = torch.tensor([[a == b for b in dids] for a in dids], device=device) & ~torch.eye(len(dids), dtype=torch.bool, device=device)
@@ -176,7 +177,7 @@ def main():
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            if step % 25 == 0 or step == train_steps - 1:
+            if step % 25 == 0 or step == embed_train_steps - 1:
                 acc = (logits.argmax(1) == labels).float().mean().item()
                 print0(f"step {step:4d} | loss {loss.item():.4f} | in-batch acc {acc:.2f} | lr {lr:.2e} | {time.time() - t0:.0f}s")
         model.eval()

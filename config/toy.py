@@ -8,13 +8,10 @@ arch = "qwen2_5_vl"
 seed = 1337
 
 # stage 0: embedder trained from scratch, candidates and queries seen at 28x28 (one token per image)
-init_from = "scratch"
+embed_init_from = "scratch"
 embed_min_pixels = 784
 embed_max_pixels = 784
-train_steps = 400
-batch_size = 64
-learning_rate = 1e-3
-temperature = 0.05
+embed_train_steps = 600
 
 # retrieval and evaluation
 emb_dir = "out/toy/embed/emb"

@@ -11,7 +11,8 @@ import embed
 import retrieve
 from conftest import run_stage
 
-TINY = ["--n_layer=2", "--n_embd=64", "--n_head=2", "--n_kv_head=1", "--vision_depth=1", "--vision_hidden=32"]
+TINY = ["--embed_n_layer=2", "--embed_n_embd=64", "--embed_n_head=2", "--embed_n_kv_head=1",
+        "--embed_vision_depth=1", "--embed_vision_hidden=32"]
 
 
 def files(root, split):
@@ -29,7 +30,7 @@ def stage0(toy_data, tmp_path_factory):
     tq, tp = files(toy_data, "train")
     common_args = [f"--data_root={toy_data}", f"--query_files={q}", f"--pool_files={p}"]
     run_stage("embed", common_args + TINY + [f"--train_query_files={tq}", f"--train_pool_files={tp}",
-              f"--tokenizer_dir={toy_data}/tokenizer", f"--out_dir={out}/embed", "--train_steps=3", "--batch_size=8"])
+              f"--tokenizer_dir={toy_data}/tokenizer", f"--out_dir={out}/embed", "--embed_train_steps=3", "--embed_batch_size=8"])
     run_stage("retrieve", common_args + [f"--emb_dir={out}/embed/emb", "--top_k=20", f"--ranked={out}/ranked.jsonl"])
     qrels = ",".join(f"{toy_data}/qrels/test/mbeir_{n}_test_qrels.txt" for n in ["toyt2i_task0", "toycir_task7"])
     _, metrics = run_stage("evaluate", [f"--ranked={out}/ranked.jsonl", f"--qrels={qrels}"])

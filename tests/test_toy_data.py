@@ -98,7 +98,7 @@ def test_deciding_detail_needs_the_tool_view():
     prompt_view, crop_view, labels = [], [], []
     for _ in range(1500):
         mark = int(rng.integers(4))
-        img = prepare.render("circle", "red", "top-left", prepare.MARKS[mark], rng)
+        img = prepare.render("red", "navy", "top-left", prepare.MARKS[mark], rng)
         small = np.asarray(common.qwen_resize(img, 784, 784), dtype=np.float32) / 255
         prompt_view.append(small[:10, :10].ravel())  # the tag's corner of the prompt view, exact pixels
         crop = np.asarray(img.crop((0, 0, 56, 56)), dtype=np.float32) / 255

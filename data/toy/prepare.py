@@ -5,14 +5,14 @@ generated deterministically from a seed in seconds, plus a byte-level BPE tokeni
     python data/toy/prepare.py                      # writes data/toy/{query,cand_pool,qrels,images,tokenizer}
     python data/toy/prepare.py --seed=7 --n_test=50
 
-Every image is 112x112: a big shape (4 shapes x 6 colours) on a noisy grey background and a small
-tag near one of the 4 corners: a grey disc carrying a dark 8x8 texture, one of 4 (horizontal, vertical
-or diagonal 1 px stripes, or checks; equal ink). A family is (shape, colour, corner); its 4 members differ only
+Every image is 112x112: a big disc in one of 6 colours on a noisy background in one of 4 dark colours
+and a small tag near one of the 4 corners: a light disc carrying a dark 8x8 texture, one of 4 (horizontal, vertical
+or diagonal 1 px stripes, or checks; equal ink). A family is (colour, background, corner); its 4 members differ only
 in the tag's texture: the deciding detail.
 
 Resolutions, and why:
-- prompt view 28x28 (max_pixels 784 = one LLM token per image): shape, colour and the corner where the
-  dark tag sits are visible, but the 4x antialiased downscale averages 1 px stripes into the same grey
+- prompt view 28x28 (max_pixels 784 = one LLM token per image): colour, background and the corner where the
+  light tag sits are visible, but the 4x antialiased downscale averages 1 px stripes into the same grey
   dot. Stage-0 retrieval and the reranking prompt see candidates at this resolution. An MLP probe
   trained on the exact prompt-view pixels of the tag's corner reads the texture at chance (25%;
   tests/test_toy_data.py): the tag's random position, stripe phase and disc offset hide the rest.
@@ -25,7 +25,7 @@ Two tasks, each with its own M-BEIR local pool (same images, different dataset i
 - dataset 1 "toyt2i", task 0 (text -> image): "a red circle with a small plus in its top-left corner".
 - dataset 2 "toycir", task 7 (image + text -> image): a reference image from the pool (as in CIRR)
   and "like this one, but blue, with a checkered tag in the corner"; the target keeps the reference's
-  corner and its unchanged attribute, changes one of colour/shape, and has the named texture.
+  corner and its unchanged attribute, changes the colour or the background, and has the named texture.
 Train and test have separate pools rendered from different random draws, so no test image is seen in
 training; queries are sampled independently per split.
 """
@@ -50,7 +50,9 @@ vocab_size = 1024      # BPE vocabulary (before special tokens)
 # -----------------------------------------------------------------------------
 
 IMAGE_SIZE = 112
-SHAPES = ["circle", "square", "triangle", "diamond"]
+# coarse attributes are strong colours, which a from-scratch encoder learns in minutes at 28x28; shapes
+# and faint tints at that size took it far longer (REFERENCE §9: perception is a tiny model's bottleneck)
+BACKGROUNDS = {"navy": (30, 40, 95), "forest": (30, 85, 45), "maroon": (95, 30, 45), "slate": (75, 75, 85)}
 COLOURS = {"red": (215, 45, 45), "green": (45, 160, 70), "blue": (50, 90, 215),
            "yellow": (225, 195, 40), "purple": (145, 65, 185), "orange": (235, 130, 30)}
 CORNERS = ["top-left", "top-right", "bottom-left", "bottom-right"]
@@ -73,22 +75,22 @@ INSTRUCTIONS = {
         "Which image is the given one, changed as the text says?"],
 }
 T2I_TEMPLATES = [
-    "a {colour} {shape} with {mark} in the {corner} corner",
-    "A {colour} {shape}; the small tag in its {corner} corner is {mark}.",
-    "Find the {colour} {shape} that has {mark} near the {corner} corner.",
-    "{colour} {shape}, {corner} corner marked with {mark}",
-    "Show me a {shape} in {colour} with {mark} drawn at the {corner}.",
-    "I want the {colour} {shape} whose {corner} tag is {mark}.",
+    "a {colour} disc on a {background} background with {mark} in the {corner} corner",
+    "A {colour} disc on {background}; the small tag in its {corner} corner is {mark}.",
+    "Find the {colour} disc over a {background} background that has {mark} near the {corner} corner.",
+    "{colour} disc, {background} background, {corner} corner marked with {mark}",
+    "Show me a disc in {colour} on {background} with {mark} drawn at the {corner}.",
+    "I want the {colour} disc on the {background} background whose {corner} tag is {mark}.",
 ]
 CIR_TEMPLATES = {
-    "colour": ["Make it {colour} and give it {mark} in the corner.",
+    "colour": ["Make the disc {colour} and give it {mark} in the corner.",
                "Like this one, but {colour}, with {mark} in the corner.",
-               "The same shape in {colour}; the tag should be {mark}.",
+               "The same background with a {colour} disc; the tag should be {mark}.",
                "Change the colour to {colour} and the tag to {mark}."],
-    "shape": ["Make it a {shape} and give it {mark} in the corner.",
-              "Like this one, but a {shape}, with {mark} in the corner.",
-              "The same colour as a {shape}; the tag should be {mark}.",
-              "Change the shape to a {shape} and the tag to {mark}."],
+    "background": ["Put it on a {background} background and give it {mark} in the corner.",
+                   "Like this one, but on {background}, with {mark} in the corner.",
+                   "The same disc on a {background} background; the tag should be {mark}.",
+                   "Change the background to {background} and the tag to {mark}."],
 }
 
 
@@ -104,34 +106,26 @@ def mark_pattern(mark, phase):
     return (xx + yy + phase) % 4 < 2  # diagonal
 
 
-def render(shape, colour, corner, mark, rng):
-    """One 112x112 image; rng jitters background, shape size/position/colour, tag position/phase/ink."""
+def render(colour, background, corner, mark, rng):
+    """One 112x112 image; rng jitters the tints, disc size/position and tag position/phase/ink."""
     S = IMAGE_SIZE
-    bg = int(rng.integers(222, 243))
-    pixels = np.clip(bg + rng.integers(-6, 7, size=(S, S, 1)), 0, 255).repeat(3, axis=2).astype(np.uint8)
+    tint = np.array(BACKGROUNDS[background]) + rng.integers(-6, 7)
+    pixels = np.clip(tint + rng.integers(-6, 7, size=(S, S, 1)), 0, 255).astype(np.uint8)
     img = Image.fromarray(pixels)
     draw = ImageDraw.Draw(img)
     cx, cy = 56 + rng.integers(-3, 4), 56 + rng.integers(-3, 4)
-    r = int(rng.integers(26, 31))
+    r = int(rng.integers(24, 31))
     fill = tuple(int(np.clip(c + rng.integers(-12, 13), 0, 255)) for c in COLOURS[colour])
-    if shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif shape == "square":
-        q = int(r * 0.85)
-        draw.rectangle([cx - q, cy - q, cx + q, cy + q], fill=fill)
-    elif shape == "triangle":
-        draw.polygon([(cx, cy - r), (cx + r, cy + int(r * 0.8)), (cx - r, cy + int(r * 0.8))], fill=fill)
-    else:  # diamond
-        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+    draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     # the tag: an 8x8 texture inside the 14 px patch [14, 28) from its corner (mirrored for right and
-    # bottom), on a grey disc that makes the corner visible at the prompt view; the disc's own random
+    # bottom), on a light disc that makes the corner visible at the prompt view; the disc's own random
     # offset keeps it from telling where the texture's stripes lie
     jx, jy = int(rng.integers(0, 7)), int(rng.integers(0, 7))
     x0 = 14 + jx if "left" in corner else S - 22 - jx
     y0 = 14 + jy if "top" in corner else S - 22 - jy
     dx, dy = x0 + 4 + rng.uniform(-2, 2), y0 + 4 + rng.uniform(-2, 2)
-    grey = int(rng.integers(95, 125))
-    draw.ellipse([dx - 8, dy - 8, dx + 8, dy + 8], fill=(grey, grey, grey))
+    light = int(rng.integers(220, 250))
+    draw.ellipse([dx - 11, dy - 11, dx + 11, dy + 11], fill=(light, light, light))
     pixels = np.asarray(img).copy()
     texture = pixels[y0:y0 + 8, x0:x0 + 8]
     texture[mark_pattern(mark, int(rng.integers(0, 4)))] = int(rng.integers(0, 30))
@@ -139,12 +133,12 @@ def render(shape, colour, corner, mark, rng):
 
 
 def families():
-    return [(s, c, k) for s in SHAPES for c in COLOURS for k in CORNERS]
+    return [(c, b, k) for c in COLOURS for b in BACKGROUNDS for k in CORNERS]
 
 
 def make_split(split, n_queries, rng, root):
     """Render this split's pool and reference images and write its queries, pools and qrels."""
-    pool = [(s, c, k, m) for (s, c, k) in families() for m in MARKS]  # 384 images
+    pool = [(c, b, k, m) for (c, b, k) in families() for m in MARKS]  # 384 images
     os.makedirs(os.path.join(root, "images", split, "pool"), exist_ok=True)
     img_paths = []
     for i, attrs in enumerate(pool):
@@ -155,29 +149,29 @@ def make_split(split, n_queries, rng, root):
     for dataset_id, name, task_id in DATASETS:
         tag = f"mbeir_{name}_task{task_id}_{split}"
         cands = [{"did": f"{dataset_id}:{i}", "txt": "", "img_path": p, "modality": "image",
-                  "attributes": dict(zip(["shape", "colour", "corner", "mark"], pool[i]))}
+                  "attributes": dict(zip(["colour", "background", "corner", "mark"], pool[i]))}
                  for i, p in enumerate(img_paths)]
         queries, qrels = [], []
         for n in range(n_queries):
             target = int(rng.integers(len(pool)))
-            shape, colour, corner, mark = pool[target]
+            colour, background, corner, mark = pool[target]
             q = {"qid": f"{dataset_id}:{n}", "query_txt": "", "query_img_path": None, "query_modality": "text",
                  "pos_cand_list": [f"{dataset_id}:{target}"], "neg_cand_list": [], "task_id": task_id}
             if task_id == 0:
                 tpl = T2I_TEMPLATES[int(rng.integers(len(T2I_TEMPLATES)))]
-                q["query_txt"] = tpl.format(colour=colour, shape=shape, corner=corner, mark=MARK_NAMES[mark])
+                q["query_txt"] = tpl.format(colour=colour, background=background, corner=corner, mark=MARK_NAMES[mark])
             else:
                 # the reference (a pool image) differs from the target in one coarse attribute and any texture
-                changed = ["colour", "shape"][int(rng.integers(2))]
-                ref_shape, ref_colour = shape, colour
+                changed = ["colour", "background"][int(rng.integers(2))]
+                ref_colour, ref_background = colour, background
                 if changed == "colour":
                     ref_colour = str(rng.choice([c for c in COLOURS if c != colour]))
                 else:
-                    ref_shape = str(rng.choice([s for s in SHAPES if s != shape]))
-                ref_path = img_paths[pool.index((ref_shape, ref_colour, corner, str(rng.choice(MARKS))))]
+                    ref_background = str(rng.choice([b for b in BACKGROUNDS if b != background]))
+                ref_path = img_paths[pool.index((ref_colour, ref_background, corner, str(rng.choice(MARKS))))]
                 tpls = CIR_TEMPLATES[changed]
                 tpl = tpls[int(rng.integers(len(tpls)))]
-                q.update(query_txt=tpl.format(colour=colour, shape=shape, mark=MARK_NAMES[mark]),
+                q.update(query_txt=tpl.format(colour=colour, background=background, mark=MARK_NAMES[mark]),
                          query_img_path=ref_path, query_modality="image,text")
             queries.append(q)
             qrels.append(f"{q['qid']} 0 {q['pos_cand_list'][0]} 1 {task_id}")
@@ -225,7 +219,7 @@ def prompt_corpus():
               "Query: Candidates: Guidelines: rank all candidates, answer as",
               "Summarize above image in one word: Summarize above sentence in one word:",
               "The mark is too small to see here, so I zoom into the corner. Candidate matches the query."]
-    lines += [f"{c} {s} {k} mark {m} {MARK_NAMES[m]} corner" for s in SHAPES for c in COLOURS
+    lines += [f"{c} disc {b} background {k} tag {MARK_NAMES[m]} corner" for b in BACKGROUNDS for c in COLOURS
               for k in CORNERS for m in MARKS]
     for tpls in INSTRUCTIONS.values():
         lines += tpls
@@ -257,7 +251,7 @@ def main():
     texts = []
     for split, n in [("train", n_train), ("test", n_test)]:
         texts += make_split(split, n, rng, out_dir)
-    meta = {"seed": seed, "image_size": IMAGE_SIZE, "shapes": SHAPES, "colours": list(COLOURS), "corners": CORNERS,
+    meta = {"seed": seed, "image_size": IMAGE_SIZE, "colours": list(COLOURS), "backgrounds": list(BACKGROUNDS), "corners": CORNERS,
             "marks": MARKS, "mark_names": MARK_NAMES, "crop_boxes": CROP_BOXES,
             "prompt_max_pixels": 28 * 28, "tool_max_pixels": IMAGE_SIZE * IMAGE_SIZE}
     write_text(os.path.join(out_dir, "meta.json"), json.dumps(meta, indent=2))
