@@ -7,9 +7,9 @@ and splices the observation (with its images) into the row's cache, plus sliding
     torchrun --nproc_per_node=8 rollout.py --policy=/ckpt/V-Retrver-7B --ranked_in=out/mbeir/ranked.jsonl ...
 
 How the engine works (Engine.generate):
-- group-shared prefill: each distinct prompt (system + query + K candidate images) is prefilled once at
-  batch 1; its KV cache is repeated for its G samples, and the prompts' caches are left-padded into one
-  batch (padding is masked through the full-length attention_mask).
+- group-shared prefill: the distinct prompts (system + query + K candidate images) are left-padded into
+  one batch and prefilled once; each prompt's cache row is then repeated for its G samples (padding is
+  masked through the full-length attention_mask).
 - every step runs ONE forward for all unfinished rows. A decoding row feeds its last sampled token; a row
   that just closed a tool call (</tool_call>) feeds its whole observation chunk
   `<|im_end|>\\n<|im_start|>user\\n{text + images}<|im_end|>\\n<|im_start|>assistant\\n`
@@ -23,11 +23,23 @@ How the engine works (Engine.generate):
 - output per trajectory: exact token ids, loss mask (1 = sampled by the policy, 0 = prompt and observation
   tokens, including the <|im_end|> that opens an observation), the images in sequence order with their
   grids, the tool calls, the policy's own text per turn, the parsed answer and the stop reason.
+
+Sliding-window reranking (main): windows of `window` over the top `top_n`, back to front by `stride`;
+each window's answer reorders its slice in place and the next window sees the new order. Writes
+{out_dir}/reranked.jsonl (retrieve.py's schema, so evaluate.py reads it) and trajectories.jsonl, a
+query at a time: a rerun skips the qids already written, nothing is lost or duplicated after a kill.
+Under torchrun each rank reranks its share of the queries with its own full copy of the policy, so
+ranks that generate different lengths never wait on each other inside generation (no collectives
+there); rank 0 gathers and writes after every batch. Each candidate image is encoded by the vision
+tower once per window it appears in (twice at most with stride = window/2): caching the features
+across windows would save that, at the cost of threading precomputed features through the model.
 """
 
+import math
 import os
 
 import torch
+import torch.distributed as dist
 
 import common
 import tools
@@ -193,49 +205,62 @@ class Engine:
         prompt-major. logits_hook(row, logits) may edit a row's logits before sampling (tests)."""
         model, dev = self.model, self.device
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        rows, caches, last_logits = [], [], []
-        for p, prompt in enumerate(prompts):  # prefill each prompt once for its whole group
+        # group-shared prefill: the distinct prompts, left-padded into one batch, once; then each row of the
+        # cache is repeated for its n_samples (padding stays masked through the full-length attention_mask)
+        encoded = []
+        for prompt in prompts:
             text = self.processor.apply_chat_template(prompt["messages"], add_generation_prompt=True, tokenize=False)
             ids, pixels, grids = self.encode(text, prompt["prompt_images"])
             pos, next_pos = mrope_positions(ids, grids, self.image_token_id, 0)
-            cache = common.new_cache(model)
-            out = model(input_ids=torch.tensor([ids], device=dev), position_ids=pos[:, None].to(dev),
-                        attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=dev),
-                        pixel_values=None if pixels is None else pixels.to(dev, model.dtype),
-                        image_grid_thw=None if grids is None else grids.to(dev), past_key_values=cache, use_cache=True)
-            caches.append((cache, len(ids)))
+            encoded.append((ids, pixels, grids, pos, next_pos))
+        width = max(len(e[0]) for e in encoded)
+        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        position_ids = torch.zeros(3, len(prompts), width, dtype=torch.long)
+        attn = torch.zeros(len(prompts), width, dtype=torch.long)
+        rows = []
+        for p, (ids, pixels, grids, pos, next_pos) in enumerate(encoded):
+            input_ids[p, width - len(ids):] = torch.tensor(ids)
+            position_ids[:, p, width - len(ids):] = pos
+            attn[p, width - len(ids):] = 1
             for g in range(n_samples):
-                rows.append(Row(p, g, ids, prompt["prompt_images"], [] if grids is None else grids.tolist(), next_pos))
-                last_logits.append(out.logits[0, -1])
-        cache, attn = self.batch_caches(caches, n_samples)
-        logits = torch.stack(last_logits)  # (B, V)
+                rows.append(Row(p, g, ids, prompts[p]["prompt_images"], [] if grids is None else grids.tolist(), next_pos))
+        pixels = [e[1] for e in encoded if e[1] is not None]
+        grids = [e[2] for e in encoded if e[2] is not None]
+        cache = common.new_cache(model)
+        out = model(input_ids=input_ids.to(dev), attention_mask=attn.to(dev), position_ids=position_ids.to(dev),
+                    pixel_values=torch.cat(pixels).to(dev, model.dtype) if pixels else None,
+                    image_grid_thw=torch.cat(grids).to(dev) if grids else None,
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache.batch_repeat_interleave(n_samples)
+        attn = attn.to(dev).repeat_interleave(n_samples, dim=0)
+        logits = out.logits[:, -1].repeat_interleave(n_samples, dim=0)  # (B, V), B = prompts x samples
         active = list(range(len(rows)))  # rows[active[b]] is batch row b
         while active:
             # sample one token for every active row, then decide what each row feeds next
-            feed, keep = [], []
-            for b, r in enumerate(active):
+            logits = logits.float()
+            raw = logits.cpu().clone() if keep_logits else None  # what the model computed, before masking
+            logits[:, self.banned] = -float("inf")
+            if logits_hook is not None:
+                logits = torch.stack([logits_hook(rows[r], logits[b]) for b, r in enumerate(active)])
+            tokens = sample(logits, temperature, top_p, gen).tolist()  # (B,)
+            keep = []
+            for b, (r, token) in enumerate(zip(active, tokens)):
                 row = rows[r]
-                row_logits = logits[b].float().clone()
-                row_logits[self.banned] = -float("inf")
-                if logits_hook is not None:
-                    row_logits = logits_hook(row, row_logits)
                 if keep_logits:
-                    row.logits.append(logits[b].float().cpu())
-                token = sample(row_logits, temperature, top_p, gen)
+                    row.logits.append(raw[b])
                 row.ids.append(token)
                 row.mask.append(1)
                 row.generated_this_turn += 1
                 row.response_tokens += 1
                 if self.step_row(row, token, prompts[row.prompt_index], max_new_tokens, max_response_tokens):
                     keep.append(b)
-                    feed.append(r)
             if not keep:
                 break
             if len(keep) < len(active):  # finished rows leave the batch now
                 index = torch.tensor(keep, device=dev)
                 cache.batch_select_indices(index)
                 attn = attn[index]
-            active = feed
+                active = [active[b] for b in keep]
             logits, attn = self.forward_step([rows[r] for r in active], cache, attn)
         return [self.trajectory(row) for row in rows]
 
@@ -270,6 +295,15 @@ class Engine:
     def forward_step(self, batch_rows, cache, attn):
         """One forward for all active rows: each feeds its pending observation chunk or its last token."""
         dev, model = self.device, self.model
+        if all(row.pending is None for row in batch_rows):  # the common case: every row decodes one token
+            input_ids = torch.tensor([[row.ids[-1]] for row in batch_rows], device=dev)  # (B, 1)
+            position_ids = torch.tensor([row.next_pos for row in batch_rows], device=dev).view(1, -1, 1).expand(3, -1, 1)
+            for row in batch_rows:
+                row.next_pos += 1
+            attn = torch.cat([attn, torch.ones(len(batch_rows), 1, dtype=attn.dtype, device=dev)], dim=1)
+            out = model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, past_key_values=cache,
+                        use_cache=True, logits_to_keep=1)
+            return out.logits[:, -1], attn
         chunks = []
         for row in batch_rows:
             if row.pending is not None:  # the sampled </tool_call>, then the observation
@@ -286,8 +320,7 @@ class Engine:
                 chunks.append((feed, pos, pixels, grids))
                 row.next_pos = row_next
             else:
-                pos = torch.full((3, 1), row.next_pos)
-                chunks.append(([row.ids[-1]], pos, None, None))
+                chunks.append(([row.ids[-1]], torch.full((3, 1), row.next_pos), None, None))
                 row.next_pos += 1
         width = max(len(c[0]) for c in chunks)
         input_ids = torch.full((len(chunks), width), self.pad_id, dtype=torch.long)
@@ -300,29 +333,13 @@ class Engine:
         pixels = [c[2] for c in chunks if c[2] is not None]
         grids = [c[3] for c in chunks if c[3] is not None]
         attn = torch.cat([attn, chunk_mask.to(dev)], dim=1)
+        last = (chunk_mask.sum(1) - 1).to(dev)  # (B,) each row's last real slot in the chunk
+        keep = torch.unique(last)  # the LM head runs only where some row needs its logits
         out = self.model(input_ids=input_ids.to(dev), attention_mask=attn, position_ids=position_ids.to(dev),
                          pixel_values=torch.cat(pixels).to(dev, model.dtype) if pixels else None,
                          image_grid_thw=torch.cat(grids).to(dev) if grids else None,
-                         past_key_values=cache, use_cache=True)
-        last = chunk_mask.sum(1) - 1  # (B,) each row's last real slot in the chunk
-        return out.logits[torch.arange(len(chunks)), last.to(dev)], attn
-
-    def batch_caches(self, caches, n_samples):
-        """One batched cache from per-prompt caches: each repeated n_samples times, left-padded to one length."""
-        length = max(n for _, n in caches)
-        batched = common.new_cache(self.model)
-        n_layers = len(caches[0][0].layers)
-        for layer in range(n_layers):
-            keys, values = [], []
-            for cache, n in caches:
-                k, v = cache.layers[layer].keys, cache.layers[layer].values  # (1, H, n, D)
-                pad = (0, 0, length - n, 0)
-                keys.append(torch.nn.functional.pad(k, pad).repeat_interleave(n_samples, 0))
-                values.append(torch.nn.functional.pad(v, pad).repeat_interleave(n_samples, 0))
-            batched.update(torch.cat(keys), torch.cat(values), layer)
-        attn = torch.cat([torch.cat([torch.zeros(n_samples, length - n, dtype=torch.long),
-                                     torch.ones(n_samples, n, dtype=torch.long)], 1) for _, n in caches])
-        return batched, attn.to(self.device)
+                         past_key_values=cache, use_cache=True, logits_to_keep=keep)
+        return out.logits[torch.arange(len(chunks), device=dev), torch.searchsorted(keep, last)], attn
 
     def trajectory(self, row):
         text = "".join(row.turns)
@@ -338,13 +355,121 @@ class Engine:
 
 
 def sample(logits, temperature, top_p, generator):
-    """Greedy at temperature 0, else temperature + nucleus (top-p) sampling."""
+    """(B, V) logits -> (B,) tokens: greedy at temperature 0, else temperature + nucleus (top-p) sampling."""
     if temperature <= 0:
-        return int(torch.argmax(logits))
+        return torch.argmax(logits, dim=-1)
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        outside = torch.cumsum(sorted_probs, 0) - sorted_probs > top_p  # keep the smallest set reaching top_p
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        outside = torch.cumsum(sorted_probs, -1) - sorted_probs > top_p  # keep the smallest set reaching top_p
         sorted_probs[outside] = 0
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).view(-1)
+
+# -----------------------------------------------------------------------------
+# sliding-window reranking of a ranked JSONL file
+
+def image_record(img, path):
+    return {"path": path, "size": [img.width, img.height]}
+
+
+def main():
+    rank, local_rank, world_size, device = common.dist_setup()
+    files = lambda s: [f for f in s.split(",") if f]
+    path = lambda p: common.resolve_path(p, data_root)
+    queries = {q["qid"]: q for f in files(query_files) for q in common.read_jsonl(path(f), required=("qid",))}
+    pool = {c["did"]: c for f in files(pool_files) for c in common.read_jsonl(path(f), required=("did",))}
+    instructions = common.read_json(path(instructions_file)) if instructions_file else {}
+    ranked = common.read_jsonl(ranked_in, required=("qid", "cands"))
+    for r in ranked:
+        if r["qid"] not in queries:
+            raise ValueError(f"{ranked_in}: qid {r['qid']} is in none of the query files")
+        missing = [d for d in r["cands"][:top_n] if d not in pool]
+        if missing:
+            raise ValueError(f"{ranked_in}: qid {r['qid']} ranks {missing[0]}, which is in none of the pool files")
+    reranked_path, traj_path = os.path.join(out_dir, "reranked.jsonl"), os.path.join(out_dir, "trajectories.jsonl")
+    done = set()
+    if rank == 0:
+        _, done = common.read_jsonl_resumable(reranked_path, "qid")
+        trajs, _ = common.read_jsonl_resumable(traj_path, "qid")
+        common.write_jsonl(traj_path, [t for t in trajs if t["qid"] in done])  # a kill between the two files
+    if world_size > 1:
+        box = [done]
+        dist.broadcast_object_list(box, src=0)
+        done = box[0]
+    todo = [r for r in ranked if r["qid"] not in done]
+    print0(f"reranking {len(todo)} queries ({len(done)} already done) with {policy}, window {window}, "
+           f"stride {stride}, top {top_n}, tools {'on' if use_tools else 'off'}")
+
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    model = common.load_model(policy, dtype=torch_dtype, device=device).eval()
+    processor = common.load_processor(policy, min(prompt_min_pixels, tool_min_pixels), max(prompt_max_pixels, tool_max_pixels))
+    engine = Engine(model, processor, use_tools, max_calls, tool_min_pixels, tool_max_pixels)
+    factor = engine.factor
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+
+    mine = todo[rank::world_size]
+    n_batches = math.ceil(math.ceil(len(todo) / world_size) / batch_queries)  # the same count on every rank
+    for b in range(n_batches):
+        batch = mine[b * batch_queries:(b + 1) * batch_queries]
+        orders = {r["qid"]: list(r["cands"][:top_n]) for r in batch}
+        starts = {qid: window_starts(len(order), window, stride) for qid, order in orders.items()}
+        originals = {}  # path -> original image, loaded once per batch
+
+        def original(rel):
+            if rel not in originals:
+                originals[rel] = common.load_image(path(rel))
+            return originals[rel]
+
+        traj_records = []
+        for w in range(max((len(s) for s in starts.values()), default=0)):
+            jobs, prompts = [], []
+            for r in batch:
+                if w >= len(starts[r["qid"]]):
+                    continue
+                q, start = queries[r["qid"]], starts[r["qid"]][w]
+                block = orders[r["qid"]][start:start + window]
+                cands = [pool[d] for d in block]
+                q_img = original(q["query_img_path"]) if q.get("query_img_path") else None
+                c_imgs = [original(c["img_path"]) if c.get("img_path") else None for c in cands]
+                view = lambda im: common.qwen_resize(im, prompt_min_pixels, prompt_max_pixels, factor)
+                messages = build_messages(q.get("query_txt") or "", q_img is not None,
+                                          common.pick_instruction(instructions, q["qid"]),
+                                          [c.get("txt") or "" for c in cands], [im is not None for im in c_imgs], use_tools)
+                prompt_paths = ([q["query_img_path"]] if q_img else []) + [c["img_path"] for c in cands if c.get("img_path")]
+                prompts.append({"messages": messages, "tool_images": [q_img] + c_imgs,
+                                "prompt_images": [view(im) for im in [q_img] + c_imgs if im is not None]})
+                jobs.append((r["qid"], start, block, prompt_paths))
+            trajs = engine.generate(prompts, 1, temperature, top_p, max_new_tokens, max_response_tokens, seed=seed + b)
+            for (qid, start, block, prompt_paths), t in zip(jobs, trajs):
+                orders[qid] = merge_window(orders[qid], start, window, t["answer"])
+                images = [image_record(im, p) for im, p in zip(t["images"], prompt_paths)]
+                for k, im in enumerate(t["images"][len(prompt_paths):]):
+                    tool_path = os.path.join(out_dir, "images", f"{qid.replace(':', '_')}_w{start}_{k}.png")
+                    im.save(tool_path)
+                    images.append(image_record(im, os.path.abspath(tool_path)))
+                traj_records.append({"qid": qid, "window_start": start, "window": block, "images": images,
+                                     **{k: v for k, v in t.items() if k not in ("images", "prompt_index", "sample_index")}})
+        rerank_records = []
+        for r in batch:
+            order = orders[r["qid"]] + r["cands"][top_n:]
+            rerank_records.append({"qid": r["qid"], "task_id": r.get("task_id"), "cands": order,
+                                   "scores": [float(len(order) - i) for i in range(len(order))]})
+        if world_size > 1:  # rank 0 writes what every rank produced
+            gathered = [None] * world_size
+            dist.all_gather_object(gathered, (traj_records, rerank_records))
+            traj_records = [t for g in gathered for t in g[0]]
+            rerank_records = [x for g in gathered for x in g[1]]
+        if rank == 0:
+            common.append_jsonl(traj_path, traj_records)  # trajectories first: a kill in between is cleaned up
+            common.append_jsonl(reranked_path, rerank_records)
+            print0(f"batch {b + 1}/{n_batches}: {len(rerank_records)} queries written")
+    print0(f"wrote {reranked_path} and {traj_path}")
+    common.dist_cleanup()
+
+
+print0 = common.print0
+
+if __name__ == "__main__":
+    configure(globals())
+    main()

@@ -174,3 +174,45 @@ def test_window_starts():
     assert rollout.window_starts(50, 20, 10) == [30, 20, 10, 0]
     assert rollout.window_starts(10, 20, 10) == [0]
     assert rollout.window_starts(25, 10, 10) == [15, 5, 0]
+
+
+@pytest.fixture(scope="module")
+def rerank_setup(toy_data, tokenizer, tmp_path_factory):
+    """An untrained tiny policy saved like a checkpoint, and a stage-0 ranked file of 6 queries."""
+    root = tmp_path_factory.mktemp("rerank")
+    model = common.build_tiny_model("qwen2_5_vl", tokenizer, seed=0)
+    model.save_pretrained(root / "policy")
+    common.make_processor(tokenizer, 14, 784, 12544).save_pretrained(root / "policy")
+    queries = common.read_jsonl(f"{toy_data}/query/test/mbeir_toyt2i_task0_test.jsonl")[:6]
+    ranked = [{"qid": q["qid"], "task_id": 0, "cands": [f"1:{i}" for i in range(7)] + q["pos_cand_list"],
+               "scores": [1.0] * 8} for q in queries]
+    common.write_jsonl(str(root / "ranked.jsonl"), ranked)
+    args = [f"--data_root={toy_data}", f"--policy={root}/policy", f"--ranked_in={root}/ranked.jsonl",
+            "--top_n=8", "--window=4", "--stride=2", "--batch_queries=2", "--max_new_tokens=12",
+            "--query_files=query/test/mbeir_toyt2i_task0_test.jsonl",
+            "--pool_files=cand_pool/test/mbeir_toyt2i_task0_test_cand_pool.jsonl"]
+    return root, args
+
+
+def test_rerank_writes_ranked_and_trajectories_and_resumes_after_a_kill(rerank_setup, tmp_path):
+    from conftest import run_stage
+    root, args = rerank_setup
+    run_stage("rollout", args + [f"--out_dir={tmp_path}/a"])
+    reranked = common.read_jsonl(f"{tmp_path}/a/reranked.jsonl")
+    trajs = common.read_jsonl(f"{tmp_path}/a/trajectories.jsonl")
+    assert [r["qid"] for r in reranked] == [r["qid"] for r in common.read_jsonl(f"{root}/ranked.jsonl")]
+    for r, stage0 in zip(reranked, common.read_jsonl(f"{root}/ranked.jsonl")):
+        assert sorted(r["cands"]) == sorted(stage0["cands"])  # a permutation, nothing lost
+    first = [t["window_start"] for t in trajs if t["qid"] == reranked[0]["qid"]]
+    assert first == [4, 2, 0]  # back to front over the top 8
+    assert all(len(t["input_ids"]) == len(t["loss_mask"]) for t in trajs)
+    # killed in batch 2 (2 queries, 3 windows each): its trajectories were written, its rankings torn
+    b = tmp_path / "b"
+    b.mkdir()
+    lines = open(f"{tmp_path}/a/reranked.jsonl").read().splitlines(keepends=True)
+    (b / "reranked.jsonl").write_text("".join(lines[:2]) + lines[2][:25])
+    tlines = open(f"{tmp_path}/a/trajectories.jsonl").read().splitlines(keepends=True)
+    (b / "trajectories.jsonl").write_text("".join(tlines[:12]))
+    run_stage("rollout", args + [f"--out_dir={b}"])
+    assert open(b / "reranked.jsonl").read() == "".join(lines)  # greedy: the rerun finishes the same job
+    assert open(b / "trajectories.jsonl").read() == "".join(tlines)

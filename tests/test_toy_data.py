@@ -3,7 +3,6 @@ import os
 
 import numpy as np
 import torch
-from PIL import Image
 
 import common
 import prepare
@@ -29,7 +28,6 @@ def test_prepare_is_deterministic(tmp_path, toy_data):
 
 def test_files_follow_mbeir_format(toy_data):
     for split, n in [("train", 64), ("test", 12)]:
-        train_images = set()
         for dataset_id, name, task_id in prepare.DATASETS:
             tag = f"mbeir_{name}_task{task_id}_{split}"
             queries = common.read_jsonl(f"{toy_data}/query/{split}/{tag}.jsonl",
