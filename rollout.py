@@ -95,6 +95,17 @@ def build_messages(query_text, has_query_image, instruction, cand_texts, cand_ha
     return [{"role": "system", "content": system}, {"role": "user", "content": content}]
 
 
+def to_sharegpt(messages):
+    """Chat messages -> ShareGPT turns (LLaMA-Factory style): image parts become <image> placeholders."""
+    role = {"system": "system", "user": "human", "assistant": "gpt"}
+    turns = []
+    for m in messages:
+        content = m["content"] if isinstance(m["content"], str) else "".join(
+            "<image>" if part["type"] == "image" else part["text"] for part in m["content"])
+        turns.append({"from": role[m["role"]], "value": content})
+    return turns
+
+
 def parse_answer(text):
     """The first <answer>[...]</answer> as a list of ints, or None if there is none or it does not parse."""
     start = text.find("<answer>")

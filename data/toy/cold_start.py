@@ -1,0 +1,233 @@
+"""
+Cold-start SFT data for the toy benchmark, written by a teacher that knows the toy's ground truth.
+
+    python data/toy/cold_start.py                   # writes data/toy/sft/{warmup,cold_start}.jsonl and sft/images/
+
+From the TRAIN split only, in ShareGPT format (LLaMA-Factory, like the released V-Retrver SFT data):
+- cold_start.jsonl: one reranking trajectory per train query, in exactly the chat/tool format the policy
+  produces (rollout.build_messages). Most windows hold the positive's whole family (4 images that differ
+  only in the tag): the teacher says which candidates match colour, background and corner, calls
+  select_images on them, reads each tag in the observation and ranks the positive first. The rest
+  (no_tool_fraction) hold a single matching candidate and are answered without tools. A rule filter
+  keeps only well-formed trajectories whose answer ranks the positive first.
+- warmup.jsonl: short descriptions of train pool images at the prompt, full and crop resolutions. A
+  pretrained VLM can already read a small tag once it is shown large enough; a from-scratch toy VLM
+  cannot until it is taught, so this stands in for pretrained perception (REFERENCE §9).
+Image paths are relative to data_root; "image_sizes" tells the trainer the resolution of each image.
+"""
+
+import json
+import os
+import random
+import re
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "data", "toy"))
+import common  # noqa: E402
+import prepare  # noqa: E402
+import rollout  # noqa: E402
+import tools  # noqa: E402
+from configurator import configure  # noqa: E402
+
+# -----------------------------------------------------------------------------
+data_root = "data/toy"     # the toy benchmark (prepare.py); record image paths are relative to it
+out_dir = "data/toy/sft"   # warmup.jsonl, cold_start.jsonl and images/ go here
+window = 5                 # candidates per reranking window (>= 4: a tool window holds a whole family)
+no_tool_fraction = 0.2     # share of trajectories whose window has a single coarse match (no tool call)
+n_warmup = 3000            # warm-up description records, evenly mixed over prompt, full and crop views
+n_train_queries = 0        # train queries to use, one trajectory each (0 = all, both tasks)
+seed = 1337
+# -----------------------------------------------------------------------------
+
+PROMPT, TOOL_MIN, TOOL_MAX, FACTOR = 28, 28 * 28 * 4, 112 * 112, 28  # the toy's prompt and tool views
+COARSE = ("colour", "background", "corner")
+FINAL = re.compile(r"<think>[^<]+</think>\n<answer>\[\d+(, \d+)*\]</answer>", re.DOTALL)
+TOOL_TURN = re.compile(r"<think>[^<]+</think>\n<tool_call>\n[^<]+\n</tool_call>", re.DOTALL)
+
+
+def family(c):
+    return tuple(c["attributes"][k] for k in COARSE)
+
+
+def looks(a):
+    """What the prompt view shows of an image: everything but the tag's texture."""
+    return f"a {a['colour']} disc on {a['background']}, tag in the {a['corner']} corner"
+
+
+def shows(a):
+    return f"a {a['colour']} disc on {a['background']} with a tag in the {a['corner']} corner"
+
+
+class Images:
+    """Loads pool images once, and saves each derived image (tool output, crop) once under out_dir/images."""
+
+    def __init__(self):
+        self.loaded, self.saved = {}, {}
+
+    def load(self, rel):
+        if rel not in self.loaded:
+            self.loaded[rel] = common.load_image(common.resolve_path(rel, data_root))
+        return self.loaded[rel]
+
+    def save(self, img, name):
+        """The data_root-relative path of img saved as out_dir/images/{name}.png (one file per name)."""
+        if name not in self.saved:
+            path = os.path.join(out_dir, "images", f"{name}.png")
+            img.save(path)
+            self.saved[name] = os.path.relpath(path, data_root)
+        return self.saved[name]
+
+
+def stem(rel):
+    return os.path.splitext(rel)[0].replace("/", "_").replace("\\", "_")
+
+
+def warmup_records(pool, images, rng):
+    """n_warmup single-image descriptions: prompt view, full view and tag crop in turn."""
+    records = []
+    for i in range(n_warmup):
+        c = pool[rng.randrange(len(pool))]
+        a, path = c["attributes"], c["img_path"]
+        base = f"a {a['colour']} disc on {a['background']}"
+        if i % 3 == 0:
+            turns, size, kind = ("Describe the image.", looks(a)), PROMPT, "prompt"
+        elif i % 3 == 1:
+            answer = f"{base}, {prepare.MARK_NAMES[a['mark']]} in the {a['corner']} corner"
+            turns, size, kind = ("Describe the image and its tag.", answer), prepare.IMAGE_SIZE, "full"
+        else:
+            crop = tools.crop_image(images.load(path), prepare.CROP_BOXES[a["corner"]])
+            path = images.save(crop, f"crop_{stem(path)}_{a['corner']}")
+            turns, size, kind = ("Describe the tag.", prepare.MARK_NAMES[a["mark"]]), crop.width, "crop"
+        records.append({"conversations": [{"from": "human", "value": "<image>" + turns[0]},
+                                          {"from": "gpt", "value": turns[1]}],
+                        "images": [path], "image_sizes": [[size, size]], "kind": kind})
+    return records
+
+
+def target_sentence(q, pos, ref):
+    """What the query asks for, in the teacher's words."""
+    p = pos["attributes"]
+    mark = prepare.MARK_NAMES[p["mark"]]
+    if ref is None:
+        return f"The query asks for a {p['colour']} disc on {p['background']} with {mark} in the {p['corner']} corner."
+    r = ref["attributes"]
+    if r["colour"] != p["colour"]:
+        change, kept = f"made {p['colour']}", f"its {p['background']} background"
+    else:
+        change, kept = f"put on {p['background']}", f"its {p['colour']} disc"
+    return f"The target is the reference {change}, keeping {kept} and {p['corner']} corner, with {mark}."
+
+
+def numbers(ks):
+    ks = [str(k) for k in ks]
+    return ks[0] if len(ks) == 1 else ", ".join(ks[:-1]) + " and " + ks[-1]
+
+
+def trajectory(q, pos, window_cands, use_tool, images, instruction, ref):
+    """One ShareGPT record: the rollout's prompt, then the teacher's turns (tool call, observation, answer)."""
+    q_path = q.get("query_img_path")
+    messages = rollout.build_messages(q.get("query_txt") or "", bool(q_path), instruction,
+                                      [c.get("txt") or "" for c in window_cands], [True] * len(window_cands), True)
+    turns = rollout.to_sharegpt(messages)
+    paths = ([q_path] if q_path else []) + [c["img_path"] for c in window_cands]
+    sizes = [[PROMPT, PROMPT] for _ in paths]
+    k_pos = window_cands.index(pos) + 1
+    fam = [k for k, c in enumerate(window_cands, 1) if family(c) == family(pos)]
+    rest = [k for k in range(1, len(window_cands) + 1) if k not in fam]
+    intro = target_sentence(q, pos, ref)
+    if not use_tool:
+        think = f"{intro} Only candidate {k_pos} shows {shows(pos['attributes'])}."
+        answer = [k_pos] + [k for k in range(1, len(window_cands) + 1) if k != k_pos]
+        turns.append({"from": "gpt", "value": f"<think>{think}</think>\n<answer>{answer}</answer>"})
+        return turns, paths, sizes
+    call = json.dumps({"name": "select_images", "arguments": {"target_images": fam}})
+    think = (f"{intro} Candidates {numbers(fam)} show {shows(pos['attributes'])}, but their tags are too small "
+             f"to read at this resolution, so I look at them closer.")
+    turn1 = f"<think>{think}</think>\n<tool_call>\n{call}\n</tool_call>"
+    tool_images = [images.load(q_path) if q_path else None] + [images.load(c["img_path"]) for c in window_cands]
+    result = tools.execute_tool_call(turn1, tool_images, TOOL_MIN, TOOL_MAX, FACTOR)
+    obs = rollout.to_sharegpt([{"role": "user", "content": result.content}])[0]
+    for k, im in zip(fam, result.images):
+        paths.append(images.save(im, f"select_{stem(window_cands[k - 1]['img_path'])}_{im.width}x{im.height}"))
+        sizes.append([im.width, im.height])
+    reads = [f"({i}) candidate {k}: {prepare.MARK_NAMES[window_cands[k - 1]['attributes']['mark']]}, "
+             f"{'yes' if k == k_pos else 'no'}." for i, k in enumerate(fam, 1)]
+    answer = [k_pos] + [k for k in fam if k != k_pos] + rest
+    turn3 = f"<think>{' '.join(reads)} So candidate {k_pos} is the match.</think>\n<answer>{answer}</answer>"
+    turns += [{"from": "gpt", "value": turn1}, obs, {"from": "gpt", "value": turn3}]
+    return turns, paths, sizes
+
+
+def well_formed(turns, tool_images, k_pos, n):
+    """The rule filter: every gpt turn well formed, tool calls valid, the answer a permutation with k_pos first."""
+    gpt = [t["value"] for t in turns if t["from"] == "gpt"]
+    for text in gpt[:-1]:
+        if not TOOL_TURN.fullmatch(text) or text.count("<tool_call>") != 1:
+            return False
+        if tools.parse_tool_call(text)[2] is not None or not tools.execute_tool_call(
+                text, tool_images, TOOL_MIN, TOOL_MAX, FACTOR).valid:
+            return False
+    answer = rollout.parse_answer(gpt[-1])
+    return bool(FINAL.fullmatch(gpt[-1])) and answer is not None and sorted(answer) == list(range(1, n + 1)) \
+        and answer[0] == k_pos
+
+
+def main():
+    assert window >= 4, "a tool window holds the positive's whole family of 4"
+    rng = random.Random(seed)
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    instructions = common.read_json(common.resolve_path("instructions.json", data_root))
+    queries, pools = [], {}
+    for dataset_id, name, task_id in prepare.DATASETS:
+        tag = f"mbeir_{name}_task{task_id}_train"
+        queries += common.read_jsonl(common.resolve_path(f"query/train/{tag}.jsonl", data_root))
+        pool_file = common.resolve_path(f"cand_pool/train/{tag}_cand_pool.jsonl", data_root)
+        pools[str(dataset_id)] = common.read_jsonl(pool_file)
+    index = {d: ({c["did"]: c for c in pool}, {c["img_path"]: c for c in pool}) for d, pool in pools.items()}
+    if 0 < n_train_queries < len(queries):
+        queries = [queries[i] for i in sorted(rng.sample(range(len(queries)), n_train_queries))]
+    images = Images()
+    warmup = warmup_records(pools[str(prepare.DATASETS[0][0])], images, rng)
+
+    no_tool = set(rng.sample(range(len(queries)), round(no_tool_fraction * len(queries))))
+    records, n_filtered = [], 0
+    for i, q in enumerate(queries):
+        pool = pools[q["qid"].split(":")[0]]
+        by_did, by_path = index[q["qid"].split(":")[0]]
+        pos = by_did[q["pos_cand_list"][0]]
+        ref = by_path[q["query_img_path"]] if q.get("query_img_path") else None
+        fam = [c for c in pool if family(c) == family(pos)]
+        if i in no_tool:
+            others = [c for c in pool if family(c) != family(pos)]
+            cands = [pos] + rng.sample(others, window - 1)
+        else:
+            near = [c for c in pool if sum(a != b for a, b in zip(family(c), family(pos))) == 1]
+            cands = fam + rng.sample(near, window - len(fam))
+        rng.shuffle(cands)
+        turns, paths, sizes = trajectory(q, pos, cands, i not in no_tool, images,
+                                         common.pick_instruction(instructions, q["qid"]), ref)
+        tool_images = [images.load(ref["img_path"]) if ref else None] + [images.load(c["img_path"]) for c in cands]
+        k_pos = cands.index(pos) + 1
+        if not well_formed(turns, tool_images, k_pos, window):
+            n_filtered += 1
+            continue
+        records.append({"conversations": turns, "images": paths, "image_sizes": sizes, "qid": q["qid"],
+                        "positive": k_pos, "cands": [c["did"] for c in cands],
+                        "kind": "no_tool" if i in no_tool else "tool"})
+
+    common.write_jsonl(os.path.join(out_dir, "warmup.jsonl"), warmup)
+    common.write_jsonl(os.path.join(out_dir, "cold_start.jsonl"), records)
+    counts = {"written": len(records), "filtered": n_filtered, "warmup": len(warmup),
+              "tool": sum(r["kind"] == "tool" for r in records),
+              "no_tool": sum(r["kind"] == "no_tool" for r in records), "saved_images": len(images.saved)}
+    print(f"cold_start.jsonl: {counts['written']} trajectories written ({counts['tool']} tool, "
+          f"{counts['no_tool']} no-tool), {n_filtered} filtered; warmup.jsonl: {len(warmup)} records; "
+          f"{len(images.saved)} images saved under {os.path.join(out_dir, 'images')}")
+    return counts
+
+
+if __name__ == "__main__":
+    configure(globals())
+    main()

@@ -1,0 +1,150 @@
+import json
+import os
+import re
+import shutil
+
+import pytest
+
+import common
+import prepare
+import rollout
+from conftest import run_stage
+
+N_WARMUP = 60
+TAGS = [f"mbeir_{name}_task{task_id}_train" for _, name, task_id in prepare.DATASETS]
+MARK_OF_NAME = {v: k for k, v in prepare.MARK_NAMES.items()}
+
+
+def read_files(out):
+    return {name: open(os.path.join(out, name), "rb").read() for name in ("warmup.jsonl", "cold_start.jsonl")}
+
+
+@pytest.fixture(scope="module")
+def sft(toy_data):
+    """Run cold_start twice into the toy benchmark's sft/ dir; removed afterwards, since the shared toy dir
+    is compared file by file against a fresh prepare run elsewhere."""
+    out = os.path.join(toy_data, "sft")
+    argv = [f"--data_root={toy_data}", f"--out_dir={out}", f"--n_warmup={N_WARMUP}"]
+    _, counts = run_stage("cold_start", argv)
+    first = read_files(out)
+    _, counts_again = run_stage("cold_start", argv)
+    yield {"root": toy_data, "counts": counts, "first": first, "second": read_files(out), "again": counts_again,
+           "warmup": common.read_jsonl(os.path.join(out, "warmup.jsonl")),
+           "cold": common.read_jsonl(os.path.join(out, "cold_start.jsonl"))}
+    shutil.rmtree(out)
+
+
+@pytest.fixture(scope="module")
+def bench(toy_data):
+    queries, pools = {}, {}
+    for tag in TAGS:
+        for q in common.read_jsonl(f"{toy_data}/query/train/{tag}.jsonl"):
+            queries[q["qid"]] = q
+        for c in common.read_jsonl(f"{toy_data}/cand_pool/train/{tag}_cand_pool.jsonl"):
+            pools[c["did"]] = c
+    return queries, pools, common.read_json(f"{toy_data}/instructions.json")
+
+
+def test_deterministic_and_counts(sft):
+    assert sft["first"] == sft["second"] and sft["counts"] == sft["again"]
+    c = sft["counts"]
+    assert c["written"] == 128 and c["filtered"] == 0 and c["warmup"] == N_WARMUP
+    assert c["tool"] + c["no_tool"] == c["written"]
+    assert abs(c["no_tool"] / c["written"] - 0.2) < 0.05
+    assert sum(r["kind"] == "no_tool" for r in sft["cold"]) == c["no_tool"]
+
+
+def test_images_and_sizes(sft):
+    for r in sft["warmup"] + sft["cold"]:
+        n = sum(t["value"].count("<image>") for t in r["conversations"])
+        assert n == len(r["images"]) == len(r["image_sizes"])
+        for path, size in zip(r["images"], r["image_sizes"]):
+            assert not os.path.isabs(path) and os.path.exists(os.path.join(sft["root"], path))
+            if path.startswith("sft/"):  # images the script saved are stored at the size they are shown
+                assert list(common.load_image(os.path.join(sft["root"], path)).size) == size
+
+
+def test_warmup_matches_pool(sft, bench):
+    _, pools, _ = bench
+    by_path = {c["img_path"]: c["attributes"] for c in pools.values()}
+    kinds = [r["kind"] for r in sft["warmup"]]
+    assert kinds.count("prompt") == kinds.count("full") == kinds.count("crop") == N_WARMUP // 3
+    for r in sft["warmup"]:
+        human, gpt = [t["value"] for t in r["conversations"]]
+        assert [t["from"] for t in r["conversations"]] == ["human", "gpt"]
+        if r["kind"] == "crop":
+            m = re.fullmatch(r"sft/images/crop_images_train_pool_(\d+)_([a-z-]+)\.png", r["images"][0])
+            a = by_path[f"images/train/pool/{m.group(1)}.png"]
+            assert m.group(2) == a["corner"] and r["image_sizes"] == [[56, 56]]
+            assert human == "<image>Describe the tag." and gpt == prepare.MARK_NAMES[a["mark"]]
+            continue
+        a = by_path[r["images"][0]]
+        base = f"a {a['colour']} disc on {a['background']}, "
+        if r["kind"] == "prompt":
+            assert human == "<image>Describe the image." and r["image_sizes"] == [[28, 28]]
+            assert gpt == base + f"tag in the {a['corner']} corner"
+        else:
+            assert human == "<image>Describe the image and its tag." and r["image_sizes"] == [[112, 112]]
+            assert gpt == base + f"{prepare.MARK_NAMES[a['mark']]} in the {a['corner']} corner"
+
+
+def test_trajectories(sft, bench):
+    queries, pools, instructions = bench
+    for r in sft["cold"]:
+        q = queries[r["qid"]]
+        prefix = r["qid"].split(":")[0] + ":"
+        by_path = {c["img_path"]: c for d, c in pools.items() if d.startswith(prefix)}
+        has_q = q["query_img_path"] is not None
+        cands = [by_path[p] for p in r["images"][int(has_q):int(has_q) + 5]]  # window from the image paths
+        assert [c["did"] for c in cands] == r["cands"]
+        messages = rollout.build_messages(q["query_txt"], has_q, common.pick_instruction(instructions, q["qid"]),
+                                          [""] * 5, [True] * 5, True)
+        turns = r["conversations"]
+        assert turns[:2] == rollout.to_sharegpt(messages)
+        assert r["images"][:int(has_q)] == ([q["query_img_path"]] if has_q else [])
+        assert r["image_sizes"][:int(has_q) + 5] == [[28, 28]] * (int(has_q) + 5)
+        # the positive, recomputed from the pool attributes (query text + family)
+        pos = [k for k, c in enumerate(cands, 1) if c["did"] == q["pos_cand_list"][0]]
+        a = pools[q["pos_cand_list"][0]]["attributes"]
+        assert pos == [r["positive"]] and prepare.MARK_NAMES[a["mark"]] in q["query_txt"]
+        family = [k for k, c in enumerate(cands, 1)
+                  if all(c["attributes"][x] == a[x] for x in ("colour", "background", "corner"))]
+        final = turns[-1]["value"]
+        answer = rollout.parse_answer(final)
+        assert answer[0] == r["positive"] and sorted(answer) == [1, 2, 3, 4, 5]
+        assert re.fullmatch(r"<think>[^<]+</think>\n<answer>\[[\d, ]+\]</answer>", final)
+        if r["kind"] == "no_tool":
+            assert [t["from"] for t in turns] == ["system", "human", "gpt"] and family == pos
+            assert len(r["images"]) == int(has_q) + 5
+            continue
+        assert [t["from"] for t in turns] == ["system", "human", "gpt", "human", "gpt"]
+        assert len(family) == 4
+        call = json.loads(turns[2]["value"].split("<tool_call>\n")[1].split("\n</tool_call>")[0])
+        assert call == {"name": "select_images", "arguments": {"target_images": family}}
+        assert turns[3]["value"] == ("Here are the selected images for detailed analysis. (Image Size: 112x112, "
+                                     "Numbered 1 to 4):" + "<image>" * 4)
+        assert r["image_sizes"][-4:] == [[112, 112]] * 4 and len(r["images"]) == int(has_q) + 9
+        reads = re.findall(r"\((\d)\) candidate (\d): (a [a-z ]+ tag), (yes|no)\.", final)
+        assert [(int(i), int(k)) for i, k, _, _ in reads] == list(enumerate(family, 1))
+        for _, k, name, verdict in reads:
+            assert MARK_OF_NAME[name] == cands[int(k) - 1]["attributes"]["mark"]
+            assert (verdict == "yes") == (int(k) == r["positive"])
+        assert answer[:4] == [r["positive"]] + [k for k in family if k != r["positive"]]
+        if has_q:
+            ref = by_path[q["query_img_path"]]["attributes"]
+            changed = "colour" if ref["colour"] != a["colour"] else "background"
+            assert ref["corner"] == a["corner"]
+            assert f"The target is the reference {'made' if changed == 'colour' else 'put on'} {a[changed]}" \
+                in turns[2]["value"]
+
+
+def test_n_train_queries(toy_data):
+    out = os.path.join(toy_data, "sft_subset")
+    try:
+        _, counts = run_stage("cold_start", [f"--data_root={toy_data}", f"--out_dir={out}", "--n_warmup=3",
+                                             "--n_train_queries=10", "--no_tool_fraction=0.5"])
+        assert counts["written"] == 10 and counts["no_tool"] == 5 and counts["warmup"] == 3
+        recs = common.read_jsonl(os.path.join(out, "cold_start.jsonl"))
+        assert len({r["qid"] for r in recs}) == 10
+    finally:
+        shutil.rmtree(out, ignore_errors=True)

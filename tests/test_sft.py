@@ -1,0 +1,141 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+import rollout
+import tools
+from conftest import REPO, run_stage
+
+TINY = ["--n_layer=2", "--n_embd=64", "--n_head=2", "--n_kv_head=1", "--vision_depth=1", "--vision_hidden=32"]
+
+
+def make_record(toy_data, out, cands=(0, 1, 2), answer="[2, 1, 3]"):
+    """A real multi-turn tool-use record: prompt, a crop call, its observation, the answer."""
+    images = [f"images/train/pool/{i}.png" for i in cands]
+    messages = rollout.build_messages("a red disc on navy", False, "Find it.", [""] * len(cands), [True] * len(cands), True)
+    system, human = rollout.to_sharegpt(messages)
+    call = '<think>too small</think>\n<tool_call>\n{"name": "crop_image", "arguments": {"bbox_2d": [0, 0, 0.4, 0.4], "target_image": 2}}\n</tool_call>'
+    result = tools.execute_tool_call(call, [None] + [common.load_image(os.path.join(toy_data, p)) for p in images])
+    os.makedirs(out, exist_ok=True)
+    crop_path = os.path.join(out, "crop.png")
+    result.images[0].save(crop_path)
+    observation = "".join("<image>" if part["type"] == "image" else part["text"] for part in result.content)
+    return {"conversations": [system, human, {"from": "gpt", "value": call}, {"from": "human", "value": observation},
+                              {"from": "gpt", "value": f"<think>(2) checks, yes</think>\n<answer>{answer}</answer>"}],
+            "images": images + [os.path.relpath(crop_path, toy_data)]}
+
+
+def test_loss_mask_covers_exactly_the_gpt_turns(toy_data, tokenizer, tmp_path):
+    import sft
+    sft.data_root = toy_data
+    record = make_record(toy_data, tmp_path)
+    processor = common.make_processor(tokenizer, 14, 784, 12544)
+    ex = sft.render(record, processor)
+    ids, mask = ex["input_ids"], ex["loss_mask"]
+    # token by token: the masked-in tokens are the two gpt turns, each closed by its <|im_end|>
+    spans, current = [], []
+    for i, m in zip(ids, mask):
+        if m:
+            current.append(i)
+        elif current:
+            spans.append(tokenizer.decode(current))
+            current = []
+    gpt = [t["value"] for t in record["conversations"] if t["from"] == "gpt"]
+    assert spans == [v + "<|im_end|>" for v in gpt]
+    image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert all(m == 0 for i, m in zip(ids, mask) if i == image_pad)
+    assert sum(i == image_pad for i in ids) == 3 * 1 + 4  # three 28x28 candidates, one 56x56 crop
+    # the prompt part is token-for-token what the rollout engine prefills
+    engine = rollout.Engine(common.build_tiny_model("qwen2_5_vl", tokenizer), processor)
+    messages = rollout.build_messages("a red disc on navy", False, "Find it.", [""] * 3, [True] * 3, True)
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    views = [common.qwen_resize(common.load_image(os.path.join(toy_data, p)), 784, 784) for p in record["images"][:3]]
+    prompt_ids = engine.encode(text, views)[0]
+    assert ids[:len(prompt_ids)] == prompt_ids
+
+
+def test_bad_records_are_named(toy_data, tmp_path):
+    import sft
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"conversations": [{"from": "human", "value": "<image>hi"}], "images": []}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl: record 0: 1 <image> placeholders but 0 images"):
+        sft.load_records(str(path), "")
+    path.write_text(json.dumps({"conversations": [{"from": "robot", "value": "hi"}], "images": []}) + "\n")
+    with pytest.raises(ValueError, match=r"record 0: unknown role 'robot'"):
+        sft.load_records(str(path), "")
+
+
+@pytest.fixture(scope="module")
+def sft_data(toy_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sftdata")
+    records = [make_record(toy_data, out / f"r{i}", cands=(i, i + 1, i + 2), answer=f"[{i % 3 + 1}, 1, 2]") for i in range(4)]
+    common.write_jsonl(str(out / "data.jsonl"), records)
+    return str(out / "data.jsonl")
+
+
+def test_tiny_sft_overfits_a_handful_of_records(toy_data, sft_data, tmp_path):
+    args = [f"--data_root={toy_data}", f"--sft_data={sft_data}", f"--tokenizer_dir={toy_data}/tokenizer",
+            f"--out_dir={tmp_path}", "--epochs=40", "--batch_size=2", "--learning_rate=3e-3", "--warmup_frac=0.05",
+            "--log_every=1000", "--freeze_vision=False"] + TINY
+    import importlib
+    import sft
+    sft = importlib.reload(sft)  # fresh defaults, then this test's settings
+    from configurator import configure
+    configure(vars(sft), args, verbose=False)
+    model, processor = sft.build_model("cpu", torch.float32)
+    examples = [sft.render(r, processor) for r in sft.load_records(sft_data, toy_data)]
+    losses = sft.train(model, processor, examples, str(tmp_path / "model"), 0, 1, "cpu")
+    assert losses[-1] < losses[0] / 10
+    # the checkpoint is a Hugging Face directory that reloads with identical logits
+    reloaded = common.load_model(str(tmp_path / "model")).eval()
+    model.eval()
+    batch = sft.collate(examples[:2], processor, model.config.image_token_id, processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        a = model(**common.model_inputs(batch, "cpu")).logits
+        b = reloaded(**common.model_inputs(batch, "cpu")).logits
+    assert torch.equal(a, b)
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_sft(args, nproc):
+    cmd = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
+           if nproc > 1 else [sys.executable]) + [os.path.join(REPO, "sft.py")] + args
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def test_fsdp_two_ranks_equal_one_rank(toy_data, sft_data, tmp_path):
+    """The same global batch (2 micro-batches): 2 gloo ranks x 1 vs 1 process x grad_accum 2."""
+    base = [f"--data_root={toy_data}", f"--sft_data={sft_data}", f"--tokenizer_dir={toy_data}/tokenizer",
+            "--epochs=2", "--batch_size=1", "--learning_rate=1e-3", "--freeze_vision=False", "--warmup_frac=0.5"] + TINY
+    run_sft(base + [f"--out_dir={tmp_path}/one", "--grad_accum=2"], 1)
+    run_sft(base + [f"--out_dir={tmp_path}/two", "--grad_accum=1"], 2)
+    one = common.load_model(f"{tmp_path}/one/model").state_dict()
+    two = common.load_model(f"{tmp_path}/two/model").state_dict()
+    assert one.keys() == two.keys()
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+
+
+def test_resume_continues_where_it_stopped(toy_data, sft_data, tmp_path):
+    base = [f"--data_root={toy_data}", f"--sft_data={sft_data}", f"--tokenizer_dir={toy_data}/tokenizer",
+            "--batch_size=2", "--learning_rate=1e-3", "--warmup_frac=0.01", "--min_lr_frac=1.0"] + TINY  # constant lr
+    run_stage("sft", base + [f"--out_dir={tmp_path}/straight", "--epochs=4"])
+    run_stage("sft", base + [f"--out_dir={tmp_path}/resumed", "--epochs=2"])
+    assert torch.load(f"{tmp_path}/resumed/model/trainer_state.pt", weights_only=False)["step"] == 4
+    run_stage("sft", base + [f"--out_dir={tmp_path}/resumed", "--epochs=4"])  # picks up at step 4 of 8
+    a = common.load_model(f"{tmp_path}/straight/model").state_dict()
+    b = common.load_model(f"{tmp_path}/resumed/model").state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
