@@ -121,6 +121,13 @@ def parse_answer(text):
         return None
 
 
+def is_well_formed(text):
+    """<think>...</think> then <answer>[ints]</answer> (the full format reward's condition)."""
+    think = text.find("<think>")
+    end = text.find("</think>", think)
+    return think >= 0 and end >= 0 and text.find("<answer>", end) >= 0 and parse_answer(text[end:]) is not None
+
+
 def merge_window(order, start, size, answer):
     """Reorder order[start:start+size] by a 1-based answer: drop duplicates and out-of-range numbers,
     append the missing candidates in their previous order; None keeps the previous order."""
@@ -174,6 +181,7 @@ class Row:
         self.next_pos = next_pos  # next free M-RoPE text position
         self.turn_start = len(ids)  # where the current assistant turn began
         self.turns, self.tool_calls = [], []  # the policy's own text per turn; every call made
+        self.observations = []  # each spliced observation as ShareGPT text (<image> placeholders)
         self.pending = None  # the observation chunk to feed next, if any
         self.stop_reason = None
         self.generated_this_turn = 0
@@ -296,6 +304,7 @@ class Engine:
                 row.stop_reason = "length"
                 return False
             row.pending = (ids, pixels, grids, result.images)
+            row.observations.append("".join("<image>" if p["type"] == "image" else p["text"] for p in result.content))
             return True
         if row.generated_this_turn >= max_new_tokens or row.response_tokens >= max_response_tokens:
             row.turns.append(self.tok.decode(row.ids[row.turn_start:]))
@@ -358,7 +367,7 @@ class Engine:
         out = {"prompt_index": row.prompt_index, "sample_index": row.sample_index, "input_ids": row.ids,
                "loss_mask": row.mask, "images": row.images, "image_grid_thw": row.grids, "turns": row.turns,
                "final_text": row.turns[-1] if row.turns else "", "answer": parse_answer(text),
-               "tool_calls": row.tool_calls, "n_valid_calls": valid_calls, "stop_reason": row.stop_reason,
+               "tool_calls": row.tool_calls, "observations": row.observations, "n_valid_calls": valid_calls, "stop_reason": row.stop_reason,
                "n_generated": sum(row.mask)}
         if row.logits:
             out["logits"] = row.logits

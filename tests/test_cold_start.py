@@ -64,29 +64,22 @@ def test_images_and_sizes(sft):
                 assert list(common.load_image(os.path.join(sft["root"], path)).size) == size
 
 
-def test_warmup_matches_pool(sft, bench):
-    _, pools, _ = bench
-    by_path = {c["img_path"]: c["attributes"] for c in pools.values()}
+def test_warmup_describes_its_images(sft):
     kinds = [r["kind"] for r in sft["warmup"]]
     assert kinds.count("prompt") == kinds.count("full") == kinds.count("crop") == N_WARMUP // 3
+    sizes = {"prompt": [[28, 28]], "full": [[112, 112]], "crop": [[56, 56]]}
     for r in sft["warmup"]:
         human, gpt = [t["value"] for t in r["conversations"]]
-        assert [t["from"] for t in r["conversations"]] == ["human", "gpt"]
-        if r["kind"] == "crop":
-            m = re.fullmatch(r"sft/images/crop_images_train_pool_(\d+)_([a-z-]+)\.png", r["images"][0])
-            a = by_path[f"images/train/pool/{m.group(1)}.png"]
-            assert m.group(2) == a["corner"] and r["image_sizes"] == [[56, 56]]
-            assert human == "<image>Describe the tag." and gpt == prepare.MARK_NAMES[a["mark"]]
-            continue
-        a = by_path[r["images"][0]]
+        a = r["attributes"]
+        assert [t["from"] for t in r["conversations"]] == ["human", "gpt"] and r["image_sizes"] == sizes[r["kind"]]
         base = f"a {a['colour']} disc on {a['background']}, "
-        if r["kind"] == "prompt":
-            assert human == "<image>Describe the image." and r["image_sizes"] == [[28, 28]]
-            assert gpt == base + f"tag in the {a['corner']} corner"
+        if r["kind"] == "crop":
+            assert human == "<image>Describe the tag." and gpt == prepare.MARK_NAMES[a["mark"]]
+        elif r["kind"] == "prompt":
+            assert human == "<image>Describe the image." and gpt == base + f"tag in the {a['corner']} corner"
         else:
-            assert human == "<image>Describe the image and its tag." and r["image_sizes"] == [[112, 112]]
+            assert human == "<image>Describe the image and its tag."
             assert gpt == base + f"{prepare.MARK_NAMES[a['mark']]} in the {a['corner']} corner"
-
 
 def test_trajectories(sft, bench):
     queries, pools, instructions = bench

@@ -10,7 +10,7 @@ From the TRAIN split only, in ShareGPT format (LLaMA-Factory, like the released 
   select_images on them, reads each tag in the observation and ranks the positive first. The rest
   (no_tool_fraction) hold a single matching candidate and are answered without tools. A rule filter
   keeps only well-formed trajectories whose answer ranks the positive first.
-- warmup.jsonl: short descriptions of train pool images at the prompt, full and crop resolutions. A
+- warmup.jsonl: short descriptions of freshly rendered images at the prompt, full and crop resolutions. A
   pretrained VLM can already read a small tag once it is shown large enough; a from-scratch toy VLM
   cannot until it is taught, so this stands in for pretrained perception (REFERENCE §9).
 Image paths are relative to data_root; "image_sizes" tells the trainer the resolution of each image.
@@ -21,6 +21,8 @@ import os
 import random
 import re
 import sys
+
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
@@ -36,7 +38,7 @@ data_root = "data/toy"     # the toy benchmark (prepare.py); record image paths 
 out_dir = "data/toy/sft"   # warmup.jsonl, cold_start.jsonl and images/ go here
 window = 5                 # candidates per reranking window (>= 4: a tool window holds a whole family)
 no_tool_fraction = 0.2     # share of trajectories whose window has a single coarse match (no tool call)
-n_warmup = 3000            # warm-up description records, evenly mixed over prompt, full and crop views
+n_warmup = 6000            # warm-up description records, evenly mixed over prompt, full and crop views
 n_train_queries = 0        # train queries to use, one trajectory each (0 = all, both tasks)
 seed = 1337
 # -----------------------------------------------------------------------------
@@ -84,25 +86,28 @@ def stem(rel):
     return os.path.splitext(rel)[0].replace("/", "_").replace("\\", "_")
 
 
-def warmup_records(pool, images, rng):
-    """n_warmup single-image descriptions: prompt view, full view and tag crop in turn."""
+def warmup_records(images):
+    """n_warmup single-image descriptions of freshly rendered images (the 384 pool images of the train
+    split are too few: a tiny model memorises them), as prompt view, full view and tag crop in turn."""
+    rng = np.random.default_rng(seed + 1)  # a stream of its own: no image equals a pool image
     records = []
     for i in range(n_warmup):
-        c = pool[rng.randrange(len(pool))]
-        a, path = c["attributes"], c["img_path"]
+        a = {"colour": str(rng.choice(list(prepare.COLOURS))), "background": str(rng.choice(list(prepare.BACKGROUNDS))),
+             "corner": str(rng.choice(prepare.CORNERS)), "mark": str(rng.choice(prepare.MARKS))}
+        img = prepare.render(a["colour"], a["background"], a["corner"], a["mark"], rng)
         base = f"a {a['colour']} disc on {a['background']}"
-        if i % 3 == 0:
-            turns, size, kind = ("Describe the image.", looks(a)), PROMPT, "prompt"
+        if i % 3 == 0:  # stored at the prompt view's size, as the policy sees candidates
+            img, turns, kind = common.qwen_resize(img, PROMPT ** 2, PROMPT ** 2), ("Describe the image.", looks(a)), "prompt"
         elif i % 3 == 1:
             answer = f"{base}, {prepare.MARK_NAMES[a['mark']]} in the {a['corner']} corner"
-            turns, size, kind = ("Describe the image and its tag.", answer), prepare.IMAGE_SIZE, "full"
+            turns, kind = ("Describe the image and its tag.", answer), "full"
         else:
-            crop = tools.crop_image(images.load(path), prepare.CROP_BOXES[a["corner"]])
-            path = images.save(crop, f"crop_{stem(path)}_{a['corner']}")
-            turns, size, kind = ("Describe the tag.", prepare.MARK_NAMES[a["mark"]]), crop.width, "crop"
+            img = tools.crop_image(img, prepare.CROP_BOXES[a["corner"]])
+            turns, kind = ("Describe the tag.", prepare.MARK_NAMES[a["mark"]]), "crop"
         records.append({"conversations": [{"from": "human", "value": "<image>" + turns[0]},
                                           {"from": "gpt", "value": turns[1]}],
-                        "images": [path], "image_sizes": [[size, size]], "kind": kind})
+                        "images": [images.save(img, f"warmup_{i}")], "image_sizes": [list(img.size)],
+                        "kind": kind, "attributes": a})
     return records
 
 
@@ -189,7 +194,7 @@ def main():
     if 0 < n_train_queries < len(queries):
         queries = [queries[i] for i in sorted(rng.sample(range(len(queries)), n_train_queries))]
     images = Images()
-    warmup = warmup_records(pools[str(prepare.DATASETS[0][0])], images, rng)
+    warmup = warmup_records(images)
 
     no_tool = set(rng.sample(range(len(queries)), round(no_tool_fraction * len(queries))))
     records, n_filtered = [], 0

@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import tools  # noqa: E402
 from configurator import configure  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -212,6 +213,8 @@ def prompt_corpus():
     for i in range(0, 21):
         lines.append(json.dumps({"name": "select_images", "arguments": {"target_images": [i, i + 1]}}))
     lines += ["user", "assistant", "system"] * 20
+    import rollout  # the policy's fixed prompt text, seen in every reranking example
+    lines += [rollout.SYSTEM_PROMPT, tools.tools_prompt(), rollout.GUIDELINES + rollout.TOOL_GUIDELINE] * 50
     lines += ["Here is the cropped image. (Image Size: 56x56)",
               "Here are the selected images for detailed analysis. (Image Size: 112x112, Numbered 1 to 2):",
               "Your action is not valid, please check the format and try again.",

@@ -1,0 +1,190 @@
+"""
+Rejection-sampling SFT: sample N trajectories per training query from the SFT policy (rollout.py's
+engine, temperature > 0, one shared prefill per group), keep the well-formed ones that rank the positive
+first (optionally: that also made a valid tool call), write them as ShareGPT records with their
+observation images as files, then fine-tune on them with sft.py's train(): one trainer, not two.
+
+    python rsft.py config/toy.py --policy=out/toy/sft/model --out_dir=out/toy/rsft
+    torchrun --nproc_per_node=8 rsft.py --policy=/ckpt/sft --ranked_in=out/mbeir/ranked_train.jsonl --dtype=bfloat16 ...
+
+The prompt for a query is the top `window` of its stage-0 ranked list (retrieve.py on the training
+split). Sampling is resumable (qids already in {out_dir}/rsft_data.jsonl are skipped) and so is training.
+"""
+
+import math
+import os
+
+import torch
+import torch.distributed as dist
+
+import common
+import rollout
+import sft
+from configurator import configure
+
+# -----------------------------------------------------------------------------
+data_root = "data/toy"
+query_files = "query/train/mbeir_toyt2i_task0_train.jsonl,query/train/mbeir_toycir_task7_train.jsonl"
+pool_files = "cand_pool/train/mbeir_toyt2i_task0_train_cand_pool.jsonl,cand_pool/train/mbeir_toycir_task7_train_cand_pool.jsonl"
+instructions_file = "instructions.json"
+ranked_in = "out/toy/ranked_train.jsonl"  # stage-0 ranking of the training queries
+policy = "out/toy/sft/model"  # the SFT checkpoint to sample from and to fine-tune
+out_dir = "out/toy/rsft"   # rsft_data.jsonl, images/ and model/
+n_queries = 0              # training queries to sample (0 = all)
+n_samples = 8              # trajectories per query
+window = 5                 # candidates in the prompt: the top of the stage-0 list
+require_tool = False       # also require at least one valid tool call
+keep_per_query = 1         # accepted trajectories kept per query (the first ones)
+temperature = 1.0
+top_p = 1.0
+max_new_tokens = 256
+max_response_tokens = 1024
+use_tools = True
+max_calls = 2
+batch_queries = 4          # queries per generate() call (x n_samples rows)
+prompt_min_pixels = 784
+prompt_max_pixels = 784
+tool_min_pixels = 3136
+tool_max_pixels = 12544
+# training: the same knobs as sft.py, handed to its train()
+epochs = 1.0
+batch_size = 8
+grad_accum = 1
+learning_rate = 1e-5
+min_lr_frac = 0.0
+warmup_frac = 0.1
+weight_decay = 0.0
+grad_clip = 1.0
+freeze_vision = True
+grad_checkpointing = False
+log_every = 10
+resume = True
+dtype = "float32"
+seed = 1337
+# -----------------------------------------------------------------------------
+
+
+def to_record(traj, prompt, qid, positive, image_dir):
+    """A sampled trajectory as a self-contained ShareGPT record (observation images written as files)."""
+    system, human = rollout.to_sharegpt(prompt["messages"])
+    conversations = [system, human]
+    for k, text in enumerate(traj["turns"]):
+        for stop in ("<|im_end|>", "<|endoftext|>"):
+            text = text.removesuffix(stop)
+        conversations.append({"from": "gpt", "value": text})
+        if k < len(traj["observations"]):
+            conversations.append({"from": "human", "value": traj["observations"][k]})
+    n_prompt = len(prompt["prompt_images"])
+    images, sizes = list(prompt["prompt_paths"]), [list(im.size) for im in prompt["prompt_images"]]
+    for k, img in enumerate(traj["images"][n_prompt:]):
+        path = os.path.join(image_dir, f"{qid.replace(':', '_')}_{traj['sample_index']}_{k}.png")
+        img.save(path)
+        images.append(os.path.relpath(path, data_root))
+        sizes.append(list(img.size))
+    return {"conversations": conversations, "images": images, "image_sizes": sizes, "qid": qid, "positive": positive}
+
+
+def accepted(traj, positive):
+    final = traj["final_text"]
+    ok = traj["stop_reason"] == "stop" and rollout.is_well_formed(final)
+    answer = rollout.parse_answer(final[final.find("</think>"):]) if ok else None
+    ok = ok and bool(answer) and answer[0] == positive
+    return ok and (traj["n_valid_calls"] > 0 or not require_tool)
+
+
+def main():
+    rank, local_rank, world_size, device = common.dist_setup()
+    common.seed_everything(seed)
+    files = lambda s: [f for f in s.split(",") if f]
+    path = lambda p: common.resolve_path(p, data_root)
+    queries = {q["qid"]: q for f in files(query_files) for q in common.read_jsonl(path(f), required=("qid",))}
+    pool = {c["did"]: c for f in files(pool_files) for c in common.read_jsonl(path(f), required=("did",))}
+    instructions = common.read_json(path(instructions_file)) if instructions_file else {}
+    ranked = common.read_jsonl(ranked_in, required=("qid", "cands"))
+    ranked = ranked[:n_queries] if n_queries else ranked
+    data_path, image_dir = os.path.join(out_dir, "rsft_data.jsonl"), os.path.join(out_dir, "images")
+    os.makedirs(image_dir, exist_ok=True)
+    done_path = os.path.join(out_dir, "sampled_qids.jsonl")  # every sampled qid, accepted or not
+    _, done = common.read_jsonl_resumable(done_path, "qid") if rank == 0 else ([], set())
+    if world_size > 1:
+        box = [done]
+        dist.broadcast_object_list(box, src=0)
+        done = box[0]
+    todo = [r for r in ranked if r["qid"] not in done]
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    model = common.load_model(policy, dtype=torch_dtype, device=device).eval()
+    processor = common.load_processor(policy, min(prompt_min_pixels, tool_min_pixels), max(prompt_max_pixels, tool_max_pixels))
+    engine = rollout.Engine(model, processor, use_tools, max_calls, tool_min_pixels, tool_max_pixels)
+    print0(f"sampling {n_samples} trajectories for {len(todo)} queries ({len(done)} done) from {policy}")
+
+    mine = todo[rank::world_size]
+    n_batches = math.ceil(math.ceil(len(todo) / world_size) / batch_queries)
+    counts = {"samples": 0, "accepted": 0, "well_formed": 0, "queries_with_one": 0}
+    for b in range(n_batches):
+        batch, prompts, positives = mine[b * batch_queries:(b + 1) * batch_queries], [], []
+        for r in batch:
+            q, cands = queries[r["qid"]], [pool[d] for d in r["cands"][:window]]
+            q_img = common.load_image(path(q["query_img_path"])) if q.get("query_img_path") else None
+            c_imgs = [common.load_image(path(c["img_path"])) if c.get("img_path") else None for c in cands]
+            view = lambda im: common.qwen_resize(im, prompt_min_pixels, prompt_max_pixels, engine.factor)
+            messages = rollout.build_messages(q.get("query_txt") or "", q_img is not None,
+                                              common.pick_instruction(instructions, q["qid"]),
+                                              [c.get("txt") or "" for c in cands], [im is not None for im in c_imgs], use_tools)
+            prompts.append({"messages": messages, "tool_images": [q_img] + c_imgs,
+                            "prompt_images": [view(im) for im in [q_img] + c_imgs if im is not None],
+                            "prompt_paths": ([q["query_img_path"]] if q_img else []) + [c["img_path"] for c in cands if c.get("img_path")]})
+            hits = [i + 1 for i, c in enumerate(cands) if c["did"] in q.get("pos_cand_list", [])]
+            positives.append(hits[0] if hits else None)  # no positive in the window: nothing can be accepted
+        trajs = engine.generate(prompts, n_samples, temperature, top_p, max_new_tokens, max_response_tokens, seed=seed + b) if prompts else []
+        records = []
+        for p, (r, prompt, positive) in enumerate(zip(batch, prompts, positives)):
+            group = [t for t in trajs if t["prompt_index"] == p]
+            keep = [t for t in group if positive is not None and accepted(t, positive)][:keep_per_query]
+            records += [to_record(t, prompt, r["qid"], positive, image_dir) for t in keep]
+            counts["samples"] += len(group)
+            counts["well_formed"] += sum(rollout.is_well_formed(t["final_text"]) for t in group)
+            counts["accepted"] += sum(positive is not None and accepted(t, positive) for t in group)
+            counts["queries_with_one"] += bool(keep)
+        if world_size > 1:
+            gathered = [None] * world_size
+            dist.all_gather_object(gathered, (records, [r["qid"] for r in batch]))
+            records, qids = [x for g in gathered for x in g[0]], [q for g in gathered for q in g[1]]
+        else:
+            qids = [r["qid"] for r in batch]
+        if rank == 0:
+            common.append_jsonl(data_path, records)  # records first: a kill in between only resamples
+            common.append_jsonl(done_path, [{"qid": q} for q in qids])
+        if b % 10 == 0 or b == n_batches - 1:
+            print0(f"batch {b + 1}/{n_batches}: acceptance {counts['accepted']}/{counts['samples']} samples, "
+                   f"well-formed {counts['well_formed']}, queries with a kept trajectory {counts['queries_with_one']}")
+    if world_size > 1:
+        for k in counts:  # the totals over all ranks
+            t = torch.tensor(counts[k], device=device)
+            dist.all_reduce(t)
+            counts[k] = int(t)
+    print0(f"acceptance rate {counts['accepted'] / max(1, counts['samples']):.3f} of samples, "
+           f"{counts['queries_with_one'] / max(1, len(todo)):.3f} of queries; well-formed "
+           f"{counts['well_formed'] / max(1, counts['samples']):.3f}")
+
+    # fine-tune the same policy on the accepted trajectories with sft.py's trainer
+    for k in ("data_root", "epochs", "batch_size", "grad_accum", "learning_rate", "min_lr_frac", "warmup_frac",
+              "weight_decay", "grad_clip", "freeze_vision", "grad_checkpointing", "log_every", "resume", "seed",
+              "prompt_min_pixels", "prompt_max_pixels", "tool_min_pixels", "tool_max_pixels"):
+        setattr(sft, k, globals()[k])
+    if world_size > 1:
+        dist.barrier()  # rank 0 has written the data
+    records = sft.load_records(data_path, data_root)
+    examples = [sft.render(r, processor) for r in records]
+    model_path = os.path.join(out_dir, "model")
+    if resume and os.path.exists(os.path.join(model_path, "trainer_state.pt")):
+        model = common.load_model(model_path, dtype=torch_dtype, device=device)
+    model.train()
+    sft.train(model, processor, examples, model_path, rank, world_size, device)
+    common.dist_cleanup()
+
+
+print0 = common.print0
+
+if __name__ == "__main__":
+    configure(globals())
+    main()

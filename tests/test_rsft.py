@@ -1,0 +1,85 @@
+import pytest
+import torch
+
+import common
+import rollout
+from conftest import run_stage
+
+TINY = ["--epochs=1", "--batch_size=2", "--learning_rate=1e-4"]
+
+
+def forcing_generate(texts):
+    """Engine.generate, but sample k of every group writes texts[k] (then stops): known answers."""
+    original = rollout.Engine.generate
+
+    def generate(self, prompts, n_samples=1, *args, **kwargs):
+        forced = [self.tok(t, add_special_tokens=False)["input_ids"] + [self.im_end] for t in texts]
+
+        def hook(row, logits):
+            k = len(row.ids) - row.turn_start
+            seq = forced[row.sample_index % len(forced)]
+            if row.tool_calls:  # after the observation: the answer part of the text
+                seq = self.tok(texts[row.sample_index % len(texts)].split("</tool_call>")[1], add_special_tokens=False)["input_ids"] + [self.im_end]
+            out = torch.full_like(logits, -1e9)
+            out[seq[min(k, len(seq) - 1)]] = 0
+            return out
+        kwargs["logits_hook"] = hook
+        return original(self, prompts, n_samples, *args, **kwargs)
+    return generate
+
+
+@pytest.fixture(scope="module")
+def rsft_setup(toy_data, tokenizer, tmp_path_factory):
+    root = tmp_path_factory.mktemp("rsft")
+    model = common.build_tiny_model("qwen2_5_vl", tokenizer, seed=0, n_layer=2, n_embd=64, n_head=2, n_kv_head=1,
+                                    vision_depth=1, vision_hidden=32)
+    model.save_pretrained(root / "policy")
+    common.make_processor(tokenizer, 14, 784, 12544).save_pretrained(root / "policy")
+    queries = common.read_jsonl(f"{toy_data}/query/train/mbeir_toyt2i_task0_train.jsonl")[:4]
+    # the positive sits at window position 2 for every query
+    ranked = [{"qid": q["qid"], "task_id": 0, "cands": ["1:0", q["pos_cand_list"][0], "1:1", "1:2", "1:3"]}
+              for q in queries if q["pos_cand_list"][0] not in ("1:0", "1:1", "1:2", "1:3")]
+    common.write_jsonl(str(root / "ranked.jsonl"), ranked)
+    return root, ranked
+
+
+def test_rsft_keeps_only_well_formed_trajectories_that_rank_the_positive_first(rsft_setup, toy_data, monkeypatch):
+    root, ranked = rsft_setup
+    call = '<think>look</think>\n<tool_call>\n{"name": "select_images", "arguments": {"target_images": [1, 2]}}\n</tool_call>'
+    texts = [call + "<think>(2) yes</think>\n<answer>[2, 1, 3, 4, 5]</answer>",  # right, with a tool call
+             "<think>no tool</think>\n<answer>[2, 5, 4, 3, 1]</answer>",         # right, no tool
+             "<think>wrong</think>\n<answer>[1, 2, 3, 4, 5]</answer>",           # positive not first
+             "<answer>[2, 1, 3, 4, 5]</answer>"]                                 # not well formed
+    monkeypatch.setattr(rollout.Engine, "generate", forcing_generate(texts))
+    args = [f"--data_root={toy_data}", f"--policy={root}/policy", f"--ranked_in={root}/ranked.jsonl",
+            "--query_files=query/train/mbeir_toyt2i_task0_train.jsonl",
+            "--pool_files=cand_pool/train/mbeir_toyt2i_task0_train_cand_pool.jsonl",
+            "--n_samples=4", "--keep_per_query=4", "--max_new_tokens=80"] + TINY
+    run_stage("rsft", args + [f"--out_dir={root}/any"])
+    records = common.read_jsonl(f"{root}/any/rsft_data.jsonl")
+    assert len(records) == 2 * len(ranked)  # the two right ones per query
+    finals = sorted({r["conversations"][-1]["value"] for r in records})
+    assert finals == ["<think>(2) yes</think>\n<answer>[2, 1, 3, 4, 5]</answer>",
+                      "<think>no tool</think>\n<answer>[2, 5, 4, 3, 1]</answer>"]
+    with_tool = [r for r in records if len(r["conversations"]) == 5]
+    assert len(with_tool) == len(ranked)
+    r = with_tool[0]
+    assert r["conversations"][3]["value"].startswith("Here are the selected images for detailed analysis.")
+    assert len(r["images"]) == 5 + 2 and r["image_sizes"][-1] == [112, 112] and r["positive"] == 2
+    assert common.load_model(f"{root}/any/model") is not None  # then it fine-tuned through sft.train
+    # require_tool: only the tool-using trajectory survives
+    run_stage("rsft", args + [f"--out_dir={root}/tool", "--require_tool=True"])
+    records = common.read_jsonl(f"{root}/tool/rsft_data.jsonl")
+    assert len(records) == len(ranked) and all(len(r["conversations"]) == 5 for r in records)
+
+
+def test_rsft_records_train_with_the_sft_renderer(rsft_setup, toy_data, tokenizer):
+    import sft
+    root, _ = rsft_setup
+    sft.data_root = toy_data
+    records = sft.load_records(f"{root}/any/rsft_data.jsonl", toy_data)
+    processor = common.make_processor(tokenizer, 14, 784, 12544)
+    ex = sft.render(records[0], processor)
+    trained = tokenizer.decode([i for i, m in zip(ex["input_ids"], ex["loss_mask"]) if m])
+    gpt = "".join(t["value"] + "<|im_end|>" for t in records[0]["conversations"] if t["from"] == "gpt")
+    assert trained == gpt
