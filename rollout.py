@@ -35,6 +35,7 @@ tower once per window it appears in (twice at most with stride = window/2): cach
 across windows would save that, at the cost of threading precomputed features through the model.
 """
 
+import contextlib
 import math
 import os
 
@@ -222,8 +223,14 @@ class Engine:
         """prompts: dicts with messages, prompt_images (placeholder order, prompt resolution) and tool_images
         (0 = query or None, i = candidate i, original resolution). Returns n_samples trajectories per prompt,
         prompt-major. logits_hook(row, logits) may edit a row's logits before sampling (tests)."""
-        model, dev = self.model, self.device
         gen = torch.Generator(device="cpu").manual_seed(seed)
+        with unsharded(self.model):  # FSDP: gather the weights once, then no collective until the end
+            return self._generate(prompts, n_samples, temperature, top_p, max_new_tokens, max_response_tokens,
+                                  gen, logits_hook, keep_logits)
+
+    def _generate(self, prompts, n_samples, temperature, top_p, max_new_tokens, max_response_tokens, gen,
+                  logits_hook, keep_logits):
+        model, dev = self.model, self.device
         # group-shared prefill: the distinct prompts, left-padded into one batch, once; then each row of the
         # cache is repeated for its n_samples (padding stays masked through the full-length attention_mask)
         encoded = []
@@ -372,6 +379,27 @@ class Engine:
         if row.logits:
             out["logits"] = row.logits
         return out
+
+
+@contextlib.contextmanager
+def unsharded(model):
+    """Generation with an FSDP2-sharded policy: ranks run different numbers of forwards (rows end at
+    different lengths), which would deadlock the per-layer all-gathers. So all-gather every shard once,
+    in the same order on every rank, keep the weights whole during generation, and reshard after."""
+    from torch.distributed.fsdp import FSDPModule
+    fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not fsdp:
+        yield
+        return
+    for m in fsdp:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in fsdp:
+            m.reshard()
+            m.set_reshard_after_forward(m is not model, recurse=False)  # FSDP2's defaults: the root keeps its weights
 
 
 def sample(logits, temperature, top_p, generator):

@@ -56,6 +56,7 @@ warmup_frac = 0.1
 weight_decay = 0.0
 grad_clip = 1.0
 freeze_vision = True
+vision_lr_mult = 1.0
 grad_checkpointing = False
 log_every = 10
 resume = True
@@ -168,7 +169,7 @@ def main():
 
     # fine-tune the same policy on the accepted trajectories with sft.py's trainer
     for k in ("data_root", "epochs", "batch_size", "grad_accum", "learning_rate", "min_lr_frac", "warmup_frac",
-              "weight_decay", "grad_clip", "freeze_vision", "grad_checkpointing", "log_every", "resume", "seed",
+              "weight_decay", "grad_clip", "freeze_vision", "vision_lr_mult", "grad_checkpointing", "log_every", "resume", "seed",
               "prompt_min_pixels", "prompt_max_pixels", "tool_min_pixels", "tool_max_pixels"):
         setattr(sft, k, globals()[k])
     if world_size > 1:

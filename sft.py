@@ -57,6 +57,7 @@ warmup_frac = 0.1
 weight_decay = 0.0
 grad_clip = 1.0
 freeze_vision = True       # vision tower and projector frozen (the release's setting)
+vision_lr_mult = 1.0       # when trained: the vision tower's lr multiplier (a from-scratch tower learns slowly)
 grad_checkpointing = False
 dtype = "float32"          # float32 | bfloat16 (GPU)
 log_every = 10
@@ -224,7 +225,10 @@ def train(model, processor, examples, out_path, rank, world_size, device):
     model = shard(model, world_size)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+    vision = {id(p) for p in model.model.visual.parameters()}
+    optimizer = torch.optim.AdamW([{"params": [p for p in params if id(p) not in vision], "lr_mult": 1.0},
+                                   {"params": [p for p in params if id(p) in vision], "lr_mult": vision_lr_mult}],
+                                  lr=learning_rate, weight_decay=weight_decay)
     # length-bucketed micro-batches: sort by length, cut into batches, shuffle the batches every epoch
     by_length = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     micro = [by_length[i:i + batch_size] for i in range(0, len(by_length), batch_size)]
@@ -259,7 +263,7 @@ def train(model, processor, examples, out_path, rank, world_size, device):
         lr = learning_rate * (step + 1) / warmup if step < warmup else learning_rate * (
             min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup))))
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_mult"]
         step_loss = 0.0
         for b in batches:
             loss_sum, _ = token_loss_sum(model, b, device)

@@ -216,3 +216,18 @@ def test_rerank_writes_ranked_and_trajectories_and_resumes_after_a_kill(rerank_s
     run_stage("rollout", args + [f"--out_dir={b}"])
     assert open(b / "reranked.jsonl").read() == "".join(lines)  # greedy: the rerun finishes the same job
     assert open(b / "trajectories.jsonl").read() == "".join(tlines)
+
+
+def test_fsdp_sharded_policy_generates_without_deadlock(toy_data, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from test_sft import free_port
+    from conftest import REPO
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           f"{REPO}/tests/fsdp_generate_worker.py", toy_data, str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+    assert all(r["equal"] for r in results) and results[0]["n"] != results[1]["n"]

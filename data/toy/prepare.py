@@ -14,12 +14,14 @@ Resolutions, and why:
 - prompt view 28x28 (max_pixels 784 = one LLM token per image): colour, background and the corner where the
   light tag sits are visible, but the 4x antialiased downscale averages 1 px stripes into the same grey
   dot. Stage-0 retrieval and the reranking prompt see candidates at this resolution. An MLP probe
-  trained on the exact prompt-view pixels of the tag's corner reads the texture at chance (25%;
-  tests/test_toy_data.py): the tag's random position, stripe phase and disc offset hide the rest.
+  trained on the exact prompt-view pixels of the tag's corner reads the texture at about chance (25%;
+  tests/test_toy_data.py): the tag's random (even) position and the disc's offset hide the rest.
 - tool view: crop_image on the named corner, e.g. bbox [0, 0, 0.4, 0.4] for top-left, pads by 10% of
   the image and returns exactly the 56x56 quadrant at native scale (4 tokens); select_images returns
-  the whole 112x112 image (16 tokens). The tag lies inside one 14 px patch of both views (jittered by
-  up to 6 px within it), where a small vision encoder can learn it (REFERENCE §9).
+  the whole 112x112 image (16 tokens). The tag lies inside one 14 px patch of both views (moved by 0-6
+  px, in even steps, within it) with its stripes anchored to the pixel grid, so a fixed linear filter of
+  the patch reads it: a small vision encoder learns it fast (REFERENCE §9). Random stripe phases made
+  it unreadable by a linear filter, and a from-scratch tower did not learn it in minutes (measured).
 
 Two tasks, each with its own M-BEIR local pool (same images, different dataset ids):
 - dataset 1 "toyt2i", task 0 (text -> image): "a red circle with a small plus in its top-left corner".
@@ -95,20 +97,21 @@ CIR_TEMPLATES = {
 }
 
 
-def mark_pattern(mark, phase):
-    """An 8x8 boolean tag texture with exactly 32 inked pixels; phase shifts the stripes."""
-    yy, xx = np.mgrid[0:8, 0:8]
+def mark_pattern(mark, x0, y0):
+    """The 8x8 tag texture at (x0, y0): 1 px stripes or checks anchored to the image's pixel grid, so the
+    tag's position never changes the texture's phase (a fixed filter reads it); exactly 32 pixels inked."""
+    yy, xx = np.mgrid[y0:y0 + 8, x0:x0 + 8]
     if mark == "hstripes":
-        return (yy + phase) % 2 == 0
+        return yy % 2 == 0
     if mark == "vstripes":
-        return (xx + phase) % 2 == 0
+        return xx % 2 == 0
     if mark == "checks":
-        return (xx + yy + phase) % 2 == 0
-    return (xx + yy + phase) % 4 < 2  # diagonal
+        return (xx + yy) % 2 == 0
+    return (xx + yy) % 4 < 2  # diagonal
 
 
 def render(colour, background, corner, mark, rng):
-    """One 112x112 image; rng jitters the tints, disc size/position and tag position/phase/ink."""
+    """One 112x112 image; rng jitters the tints, disc size/position and the tag position/ink."""
     S = IMAGE_SIZE
     tint = np.array(BACKGROUNDS[background]) + rng.integers(-6, 7)
     pixels = np.clip(tint + rng.integers(-6, 7, size=(S, S, 1)), 0, 255).astype(np.uint8)
@@ -121,7 +124,7 @@ def render(colour, background, corner, mark, rng):
     # the tag: an 8x8 texture inside the 14 px patch [14, 28) from its corner (mirrored for right and
     # bottom), on a light disc that makes the corner visible at the prompt view; the disc's own random
     # offset keeps it from telling where the texture's stripes lie
-    jx, jy = int(rng.integers(0, 7)), int(rng.integers(0, 7))
+    jx, jy = 2 * int(rng.integers(0, 4)), 2 * int(rng.integers(0, 4))  # even shifts keep the grid phase
     x0 = 14 + jx if "left" in corner else S - 22 - jx
     y0 = 14 + jy if "top" in corner else S - 22 - jy
     dx, dy = x0 + 4 + rng.uniform(-2, 2), y0 + 4 + rng.uniform(-2, 2)
@@ -129,7 +132,7 @@ def render(colour, background, corner, mark, rng):
     draw.ellipse([dx - 11, dy - 11, dx + 11, dy + 11], fill=(light, light, light))
     pixels = np.asarray(img).copy()
     texture = pixels[y0:y0 + 8, x0:x0 + 8]
-    texture[mark_pattern(mark, int(rng.integers(0, 4)))] = int(rng.integers(0, 30))
+    texture[mark_pattern(mark, x0, y0)] = int(rng.integers(0, 30))
     return Image.fromarray(pixels)
 
 
