@@ -141,3 +141,14 @@ def test_n_train_queries(toy_data):
         assert len({r["qid"] for r in recs}) == 10
     finally:
         shutil.rmtree(out, ignore_errors=True)
+
+
+def test_perception_scoring_on_hand_made_descriptions():
+    import perception
+    a = {"colour": "red", "background": "navy", "corner": "top-left", "mark": "checks"}
+    assert perception.correct("prompt", "a red disc on navy, tag in the top-left corner<|im_end|>", a)
+    assert not perception.correct("prompt", "a red disc on navy, tag in the top-right corner", a)
+    assert perception.correct("full", "a red disc on navy, a checkered tag in the top-left corner", a)
+    assert not perception.correct("full", "a red disc on slate, a checkered tag in the top-left corner", a)
+    assert perception.correct("crop", "a checkered tag", a)
+    assert not perception.correct("crop", "a vertically striped tag", a)
