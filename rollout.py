@@ -421,13 +421,30 @@ def image_record(img, path):
     return {"path": path, "size": [img.width, img.height]}
 
 
+def load_benchmark(root, query_files, pool_files, instructions_file):
+    """Queries by qid, candidates by did (M-BEIR JSONL) and the task instructions."""
+    files = [f for f in query_files.split(",") if f], [f for f in pool_files.split(",") if f]
+    queries = {q["qid"]: q for f in files[0] for q in common.read_jsonl(common.resolve_path(f, root), required=("qid",))}
+    pool = {c["did"]: c for f in files[1] for c in common.read_jsonl(common.resolve_path(f, root), required=("did",))}
+    instructions = common.read_json(common.resolve_path(instructions_file, root)) if instructions_file else {}
+    return queries, pool, instructions
+
+
+def window_prompt(q, cands, instructions, load, use_tools, min_pixels, max_pixels, factor):
+    """The prompt of one window: messages, prompt-view images, original images for the tools, and the
+    paths of the prompt images (query first, then candidates). load(path) -> original image."""
+    q_img = load(q["query_img_path"]) if q.get("query_img_path") else None
+    c_imgs = [load(c["img_path"]) if c.get("img_path") else None for c in cands]
+    messages = build_messages(q.get("query_txt") or "", q_img is not None, common.pick_instruction(instructions, q["qid"]),
+                              [c.get("txt") or "" for c in cands], [im is not None for im in c_imgs], use_tools)
+    return {"messages": messages, "tool_images": [q_img] + c_imgs,
+            "prompt_images": [common.qwen_resize(im, min_pixels, max_pixels, factor) for im in [q_img] + c_imgs if im is not None],
+            "prompt_paths": ([q["query_img_path"]] if q_img else []) + [c["img_path"] for c in cands if c.get("img_path")]}
+
+
 def main():
     rank, local_rank, world_size, device = common.dist_setup()
-    files = lambda s: [f for f in s.split(",") if f]
-    path = lambda p: common.resolve_path(p, data_root)
-    queries = {q["qid"]: q for f in files(query_files) for q in common.read_jsonl(path(f), required=("qid",))}
-    pool = {c["did"]: c for f in files(pool_files) for c in common.read_jsonl(path(f), required=("did",))}
-    instructions = common.read_json(path(instructions_file)) if instructions_file else {}
+    queries, pool, instructions = load_benchmark(data_root, query_files, pool_files, instructions_file)
     ranked = common.read_jsonl(ranked_in, required=("qid", "cands"))
     for r in ranked:
         if r["qid"] not in queries:
@@ -466,7 +483,7 @@ def main():
 
         def original(rel):
             if rel not in originals:
-                originals[rel] = common.load_image(path(rel))
+                originals[rel] = common.load_image(common.resolve_path(rel, data_root))
             return originals[rel]
 
         traj_records = []
@@ -475,19 +492,11 @@ def main():
             for r in batch:
                 if w >= len(starts[r["qid"]]):
                     continue
-                q, start = queries[r["qid"]], starts[r["qid"]][w]
+                start = starts[r["qid"]][w]
                 block = orders[r["qid"]][start:start + window]
-                cands = [pool[d] for d in block]
-                q_img = original(q["query_img_path"]) if q.get("query_img_path") else None
-                c_imgs = [original(c["img_path"]) if c.get("img_path") else None for c in cands]
-                view = lambda im: common.qwen_resize(im, prompt_min_pixels, prompt_max_pixels, factor)
-                messages = build_messages(q.get("query_txt") or "", q_img is not None,
-                                          common.pick_instruction(instructions, q["qid"]),
-                                          [c.get("txt") or "" for c in cands], [im is not None for im in c_imgs], use_tools)
-                prompt_paths = ([q["query_img_path"]] if q_img else []) + [c["img_path"] for c in cands if c.get("img_path")]
-                prompts.append({"messages": messages, "tool_images": [q_img] + c_imgs,
-                                "prompt_images": [view(im) for im in [q_img] + c_imgs if im is not None]})
-                jobs.append((r["qid"], start, block, prompt_paths))
+                prompts.append(window_prompt(queries[r["qid"]], [pool[d] for d in block], instructions, original,
+                                             use_tools, prompt_min_pixels, prompt_max_pixels, factor))
+                jobs.append((r["qid"], start, block, prompts[-1]["prompt_paths"]))
             trajs = engine.generate(prompts, 1, temperature, top_p, max_new_tokens, max_response_tokens, seed=seed + b)
             for (qid, start, block, prompt_paths), t in zip(jobs, trajs):
                 orders[qid] = merge_window(orders[qid], start, window, t["answer"])

@@ -96,11 +96,7 @@ def accepted(traj, positive):
 def main():
     rank, local_rank, world_size, device = common.dist_setup()
     common.seed_everything(seed)
-    files = lambda s: [f for f in s.split(",") if f]
-    path = lambda p: common.resolve_path(p, data_root)
-    queries = {q["qid"]: q for f in files(query_files) for q in common.read_jsonl(path(f), required=("qid",))}
-    pool = {c["did"]: c for f in files(pool_files) for c in common.read_jsonl(path(f), required=("did",))}
-    instructions = common.read_json(path(instructions_file)) if instructions_file else {}
+    queries, pool, instructions = rollout.load_benchmark(data_root, query_files, pool_files, instructions_file)
     ranked = common.read_jsonl(ranked_in, required=("qid", "cands"))
     ranked = ranked[:n_queries] if n_queries else ranked
     data_path, image_dir = os.path.join(out_dir, "rsft_data.jsonl"), os.path.join(out_dir, "images")
@@ -125,15 +121,9 @@ def main():
         batch, prompts, positives = mine[b * batch_queries:(b + 1) * batch_queries], [], []
         for r in batch:
             q, cands = queries[r["qid"]], [pool[d] for d in r["cands"][:window]]
-            q_img = common.load_image(path(q["query_img_path"])) if q.get("query_img_path") else None
-            c_imgs = [common.load_image(path(c["img_path"])) if c.get("img_path") else None for c in cands]
-            view = lambda im: common.qwen_resize(im, prompt_min_pixels, prompt_max_pixels, engine.factor)
-            messages = rollout.build_messages(q.get("query_txt") or "", q_img is not None,
-                                              common.pick_instruction(instructions, q["qid"]),
-                                              [c.get("txt") or "" for c in cands], [im is not None for im in c_imgs], use_tools)
-            prompts.append({"messages": messages, "tool_images": [q_img] + c_imgs,
-                            "prompt_images": [view(im) for im in [q_img] + c_imgs if im is not None],
-                            "prompt_paths": ([q["query_img_path"]] if q_img else []) + [c["img_path"] for c in cands if c.get("img_path")]})
+            load = lambda p: common.load_image(common.resolve_path(p, data_root))
+            prompts.append(rollout.window_prompt(q, cands, instructions, load, use_tools, prompt_min_pixels,
+                                                 prompt_max_pixels, engine.factor))
             hits = [i + 1 for i, c in enumerate(cands) if c["did"] in q.get("pos_cand_list", [])]
             positives.append(hits[0] if hits else None)  # no positive in the window: nothing can be accepted
         trajs = engine.generate(prompts, n_samples, temperature, top_p, max_new_tokens, max_response_tokens, seed=seed + b) if prompts else []
