@@ -135,12 +135,13 @@ def render(record, processor):
 
 
 def collate(examples, processor, image_token_id, pad_id):
-    """Right-padded batch with pixel values; a batch without images gets a dummy one (mask 0)."""
+    """Right-padded batch with pixel values; a batch without images gets a dummy one (mask 0). An example's
+    images are (path, (w, h)) views (render) or images already at their size (grpo.py's trajectories)."""
     views = [v for ex in examples for v in ex["images"]]
     ids = [list(ex["input_ids"]) for ex in examples]
     masks = [list(ex["loss_mask"]) for ex in examples]
     factor = processor.image_processor.patch_size * processor.image_processor.merge_size
-    images = [load_view(path, size) for path, size in views]
+    images = [v if isinstance(v, Image.Image) else load_view(*v) for v in views]
     if not images:  # FSDP: every rank must run the vision tower in every step (REFERENCE §8)
         images = [Image.new("RGB", (factor, factor))]
         dummy = processor.tokenizer("<|vision_start|><|image_pad|><|vision_end|>", add_special_tokens=False)["input_ids"]  # 1 token

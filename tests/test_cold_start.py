@@ -4,6 +4,7 @@ import re
 import shutil
 
 import pytest
+import torch
 
 import common
 import prepare
@@ -152,3 +153,20 @@ def test_perception_scoring_on_hand_made_descriptions():
     assert not perception.correct("full", "a red disc on slate, a checkered tag in the top-left corner", a)
     assert perception.correct("crop", "a checkered tag", a)
     assert not perception.correct("crop", "a vertically striped tag", a)
+
+
+def test_vision_pretrain_trains_the_tower_only_and_saves_a_policy(sft, tmp_path):
+    from transformers import AutoTokenizer
+    out = str(tmp_path / "vision")
+    small = ["--n_layer=2", "--n_embd=64", "--n_head=2", "--n_kv_head=1", "--vision_depth=1", "--vision_hidden=32"]
+    _, accuracy = run_stage("vision_pretrain", [f"--data_root={sft['root']}", f"--tokenizer_dir={sft['root']}/tokenizer",
+                                                f"--out_dir={out}", "--vision_steps=3", "--vision_batch_size=4", "--seed=5"] + small)
+    assert {"colour/prompt", "mark/full", "mark/crop"} <= set(accuracy) and all(0 <= v <= 1 for v in accuracy.values())
+    trained = common.load_model(out).state_dict()
+    init = common.build_tiny_model("qwen2_5_vl", AutoTokenizer.from_pretrained(f"{sft['root']}/tokenizer"), seed=5,
+                                   n_layer=2, n_embd=64, n_head=2, n_kv_head=1, vision_depth=1, vision_hidden=32).state_dict()
+    for k in init:  # the language model is untouched, the vision tower moved
+        same = torch.equal(init[k], trained[k])
+        assert same if "visual" not in k else True
+    assert any(not torch.equal(init[k], trained[k]) for k in init if "visual" in k)
+    assert not os.path.exists(out + ".tmp")

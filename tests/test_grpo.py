@@ -1,0 +1,228 @@
+import importlib
+import math
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import grpo
+from configurator import configure
+from conftest import REPO, run_stage
+from test_rollout import setup
+from test_sft import free_port
+
+GOOD = "<think>(2) has the checks</think>\n<answer>[2, 1, 3]</answer>"
+
+
+# ---- rewards ----------------------------------------------------------------------------------------
+def test_format_reward():
+    assert grpo.format_reward(GOOD) == 1.0
+    assert grpo.format_reward("<think>x</think> then <answer>two, one</answer>") == 0.5  # not a list of ints
+    assert grpo.format_reward("<answer>[1, 2]</answer>") == 0.0  # no reasoning block
+    assert grpo.format_reward("<think>x</think>\n<tool_call>\n{}\n</tool_call>") == 0.0  # stopped at a call
+    assert grpo.format_reward("<answer>[1]</answer><think>x</think>") == 0.0  # wrong order
+
+
+def test_rank_reward():
+    assert grpo.rank_reward(1) == 1.0
+    assert grpo.rank_reward(2) == pytest.approx(0.6065, abs=1e-4)
+    assert grpo.rank_reward(3) == pytest.approx(0.1353, abs=1e-4)
+    assert grpo.rank_reward(None) == 0.0
+    assert grpo.rank_reward(6, cutoff=5) == 0.0 and grpo.rank_reward(6) == pytest.approx(math.exp(-12.5))
+    assert grpo.positive_rank(GOOD, 1) == 2 and grpo.positive_rank(GOOD, 7) is None
+    assert grpo.positive_rank("<think>x</think><answer>[3, 3, 1]</answer>", 3) == 1  # first occurrence
+
+
+def test_paper_reward_on_hand_made_group():
+    texts = [GOOD, GOOD, "<think>x</think><answer>[1, 2]</answer>", "<think>x</think>", GOOD]
+    calls = [1, 0, 3, 1, 2]
+    # 0.2 fmt + 0.8 rank + 0.2 [k=1 and a valid call] - 0.1 (calls - 1)+
+    expected = [0.2 + 0.8 + 0.2, 0.2 + 0.8, 0.2 + 0.8 * math.exp(-0.5) - 0.2, 0.0 - 0.0, 0.2 + 0.8 + 0.2 - 0.1]
+    assert grpo.group_rewards(texts, calls, 2, "paper") == pytest.approx(expected)
+    # the text-only ablation drops the tool terms
+    assert grpo.group_rewards(texts, calls, 2, "paper", tools_on=False) == pytest.approx([1.0, 1.0, 0.2 + 0.8 * math.exp(-0.5), 0.0, 1.0])
+    # the paper's rank term is 0 beyond k = 5
+    far = "<think>x</think><answer>[1, 2, 3, 4, 5, 6]</answer>"
+    assert grpo.group_rewards([far], [0], 6, "paper") == pytest.approx([0.2])
+
+
+def test_release_reward_on_hand_made_groups():
+    texts = [GOOD, GOOD, "<think>x</think><answer>[1, 2]</answer>", "<think>x</think>"]
+    # 2 of 4 made a valid call: group tool rate 0.5 < 0.6, curiosity 0.6 * 0.1 = 0.06 for them
+    calls = [1, 0, 3, 0]
+    expected = [0.3 + 0.7 + 0.06, 0.3 + 0.7, 0.3 + 0.7 * math.exp(-0.5) + 0.06 - 0.05 * 2, 0.0]
+    assert grpo.group_rewards(texts, calls, 2, "release") == pytest.approx(expected)
+    # tool rate 0.75 >= 0.6: no curiosity bonus
+    assert grpo.group_rewards(texts, [1, 1, 1, 0], 2, "release") == pytest.approx([1.0, 1.0, 0.3 + 0.7 * math.exp(-0.5), 0.0])
+    # clipped to [-0.5, 1.5]; no k > 5 cut-off in the release
+    assert grpo.group_rewards(["<think>x</think>"] * 2, [40, 0], 1, "release") == pytest.approx([-0.5, 0.0])
+    far = "<think>x</think><answer>[1, 2, 3, 4, 5, 6]</answer>"
+    assert grpo.group_rewards([far], [0], 6, "release", tools_on=False) == pytest.approx([0.3 + 0.7 * math.exp(-12.5)])
+    with pytest.raises(ValueError, match="reward"):
+        grpo.group_rewards([GOOD], [0], 2, "papr")
+
+
+# ---- advantages and loss ----------------------------------------------------------------------------
+def test_group_advantages_match_numpy():
+    r = torch.tensor([[1.0, 0.0, 0.5, 0.5], [0.2, 0.2, 0.2, 0.2], [1.2, -0.1, 0.3, 0.9]])
+    a = r.numpy()
+    ref = (a - a.mean(1, keepdims=True)) / (a.std(1, ddof=1, keepdims=True) + 1e-6)
+    assert np.allclose(grpo.group_advantages(r).numpy(), ref, atol=1e-6)
+    assert np.allclose(grpo.group_advantages(r, scale=False).numpy(), a - a.mean(1, keepdims=True))  # Dr.GRPO
+    assert grpo.group_advantages(r)[1].abs().max() == 0  # a zero-std group teaches nothing
+
+
+def loop_reference(logp, old, ref, adv, mask, eps_lo, eps_hi, dual, beta, how, max_len):
+    """The loss computed token by token in plain Python floats."""
+    per_seq, total, count = [], 0.0, 0
+    for b in range(len(logp)):
+        s, n = 0.0, 0
+        for t in range(len(logp[b])):
+            if not mask[b][t]:
+                continue
+            r, a = math.exp(logp[b][t] - old[b][t]), adv[b]
+            loss = -min(r * a, min(max(r, 1 - eps_lo), 1 + eps_hi) * a)
+            if dual and a < 0:
+                loss = min(loss, -dual * a)
+            d = ref[b][t] - logp[b][t]
+            loss += beta * (math.exp(d) - d - 1)
+            s, n = s + loss, n + 1
+        per_seq.append(s / max(n, 1))
+        total, count = total + s, count + n
+    return {"token-mean": total / count, "seq-mean": sum(per_seq) / len(per_seq),
+            "dr-grpo": total / (len(logp) * max_len)}[how]
+
+
+@pytest.mark.parametrize("how", ["token-mean", "seq-mean", "dr-grpo"])
+def test_loss_matches_an_explicit_token_loop(how):
+    g = torch.Generator().manual_seed(0)
+    B, T = 4, 9
+    logp = -torch.rand(B, T, generator=g) * 3
+    old = logp + (torch.rand(B, T, generator=g) - 0.5) * 1.2  # ratios well beyond 1 +- 0.2: clipping is live
+    ref = logp + (torch.rand(B, T, generator=g) - 0.5)
+    adv = torch.tensor([1.3, -0.7, -2.0, 0.4])
+    mask = torch.rand(B, T, generator=g) > 0.3
+    loss, kl, clipped = grpo.token_losses(logp, old, adv, 0.2, 0.28, 3.0, ref, 0.05)
+    got = grpo.aggregate(loss, mask, how, int(mask.sum()), B, 16)
+    want = loop_reference(logp.tolist(), old.tolist(), ref.tolist(), adv.tolist(), mask.tolist(), 0.2, 0.28, 3.0, 0.05, how, 16)
+    assert got.item() == pytest.approx(want, rel=1e-5)
+    assert 0 < clipped[mask].float().mean() < 1
+    d = ref - logp
+    assert torch.allclose(kl, torch.exp(d) - d - 1)
+
+
+def test_loss_gradient_is_zero_on_clipped_and_masked_tokens():
+    logp = torch.tensor([[-1.0, -1.0, -1.0, -1.0]], requires_grad=True)
+    old = torch.tensor([[-1.0, -1.5, -0.5, -1.0]])  # ratios 1, e^0.5 (clipped for A > 0), e^-0.5, 1 (masked)
+    mask = torch.tensor([[1, 1, 1, 0]])
+    loss, _, clipped = grpo.token_losses(logp, old, torch.tensor([1.0]), 0.2, 0.2)
+    grpo.aggregate(loss, mask, "token-mean", 3, 1, 4).backward()
+    assert clipped.tolist() == [[False, True, False, False]]
+    assert logp.grad[0, 1] == 0 and logp.grad[0, 3] == 0
+    assert logp.grad[0, 0].item() == pytest.approx(-1 / 3) and logp.grad[0, 2].item() == pytest.approx(-math.exp(-0.5) / 3)
+
+
+def test_one_step_with_two_ranks_equals_one_rank(toy_data, tmp_path):
+    worker = os.path.join(REPO, "tests", "grpo_fsdp_worker.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    results = []
+    for nproc in (1, 2):
+        out = tmp_path / str(nproc)
+        out.mkdir()
+        cmd = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
+               if nproc > 1 else [sys.executable]) + [worker, toy_data, str(out), "token-mean"]
+        run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+        results.append(torch.load(out / "result.pt", weights_only=False))
+    one, two = results[0]["state"], results[1]["state"]
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+    assert torch.allclose(results[0]["sums"], results[1]["sums"], rtol=1e-4, atol=1e-6)
+    assert results[0]["sums"][2] > 0  # the second epoch clipped some tokens: the ratio was live
+
+
+# ---- learning -----------------------------------------------------------------------------------------
+def test_micro_run_raises_an_easy_synthetic_reward(tokenizer, toy_data):
+    """Reward = share of generated tokens with an even id (about 0.5 for a random policy)."""
+    importlib.reload(grpo)
+    engine, prompt = setup("qwen2_5_vl", tokenizer, toy_data, use_tools=False)
+    engine.stop_ids = set()  # fixed-length responses
+    model = engine.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-2)
+    means = []
+    for step in range(15):
+        model.eval()
+        with torch.no_grad():
+            trajs = engine.generate([prompt, prompt], n_samples=8, temperature=1.0, max_new_tokens=6, seed=step)
+        rewards = torch.tensor([float(np.mean([i % 2 == 0 for i, m in zip(t["input_ids"], t["loss_mask"]) if m]))
+                                for t in trajs]).view(2, 8)
+        means.append(rewards.mean().item())
+        examples = [{"input_ids": t["input_ids"], "loss_mask": t["loss_mask"], "images": t["images"]} for t in trajs]
+        batches = [grpo.sft.collate(examples[i:i + 8], engine.processor, model.config.image_token_id,
+                                    tokenizer.pad_token_id) for i in (0, 8)]
+        model.train()
+        grpo.policy_update(model, optimizer, params, batches, grpo.group_advantages(rewards).flatten(), 16, 1, "cpu")
+    assert np.mean(means[:3]) < 0.65 and np.mean(means[-3:]) > np.mean(means[:3]) + 0.2
+
+
+# ---- the script ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def grpo_setup(toy_data, tokenizer, tmp_path_factory):
+    """A tiny policy saved as a Hugging Face directory and a stage-0 ranking of 6 training queries."""
+    root = tmp_path_factory.mktemp("grpo")
+    model = common.build_tiny_model("qwen2_5_vl", tokenizer, seed=0, n_layer=2, n_embd=64, n_head=2, n_kv_head=1,
+                                    vision_depth=1, vision_hidden=32)
+    model.save_pretrained(root / "policy")
+    common.make_processor(tokenizer, 14, 784, 12544).save_pretrained(root / "policy")
+    rng, ranked = random.Random(0), []
+    for name, task in (("toyt2i", 0), ("toycir", 7)):
+        queries = common.read_jsonl(f"{toy_data}/query/train/mbeir_{name}_task{task}_train.jsonl")[:3]
+        pool = [c["did"] for c in common.read_jsonl(f"{toy_data}/cand_pool/train/mbeir_{name}_task{task}_train_cand_pool.jsonl")]
+        for q in queries:
+            cands = [q["pos_cand_list"][0]] + rng.sample([d for d in pool if d != q["pos_cand_list"][0]], 4)
+            rng.shuffle(cands)
+            ranked.append({"qid": q["qid"], "task_id": task, "cands": cands})
+    common.write_jsonl(root / "ranked.jsonl", ranked)
+    return root
+
+
+def script_args(toy_data, root, out, steps):
+    return [f"--data_root={toy_data}", f"--policy={root}/policy", f"--ranked_in={root}/ranked.jsonl", f"--out_dir={out}",
+            f"--max_steps={steps}", "--prompts_per_step=2", "--group_size=4", "--max_new_tokens=16",
+            "--max_response_tokens=64", "--learning_rate=1e-3", "--warmup_steps=1", "--window=3", "--ppo_epochs=2"]
+
+
+def run_grpo(argv):
+    """The script in-process with a stand-in reward that varies within groups (a random tiny policy never
+    earns the real one, and then every advantage is 0); the reward itself is tested above."""
+    module = importlib.reload(grpo)
+    configure(vars(module), argv, verbose=False)
+    module.group_rewards = lambda texts, calls, positive, variant, tools_on: [len(t) % 7 / 7 for t in texts]
+    try:
+        module.main()
+    finally:
+        importlib.reload(grpo)  # the real reward again for every other test
+
+
+def test_script_trains_saves_and_resumes(toy_data, grpo_setup, tmp_path):
+    run_grpo(script_args(toy_data, grpo_setup, tmp_path / "straight", 2))
+    run_grpo(script_args(toy_data, grpo_setup, tmp_path / "resumed", 1))
+    assert torch.load(tmp_path / "resumed/model/trainer_state.pt", weights_only=False)["step"] == 1
+    run_grpo(script_args(toy_data, grpo_setup, tmp_path / "resumed", 2))  # picks up at step 1
+    a = common.load_model(str(tmp_path / "straight/model")).state_dict()
+    b = common.load_model(str(tmp_path / "resumed/model")).state_dict()
+    start = common.load_model(str(grpo_setup / "policy")).state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-3  # it did train
+
+
+def test_script_rejects_bad_arguments(toy_data, grpo_setup, tmp_path):
+    with pytest.raises(ValueError, match="loss_agg"):
+        run_stage("grpo", script_args(toy_data, grpo_setup, tmp_path, 1) + ["--loss_agg=token_sum"])
+    with pytest.raises(ValueError, match="reward"):
+        run_stage("grpo", script_args(toy_data, grpo_setup, tmp_path, 1) + ["--reward=papers"])
