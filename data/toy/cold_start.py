@@ -2,6 +2,7 @@
 Cold-start SFT data for the toy benchmark, written by a teacher that knows the toy's ground truth.
 
     python data/toy/cold_start.py                   # writes data/toy/sft/{warmup,cold_start}.jsonl and sft/images/
+    python data/toy/cold_start.py --use_tools=False --n_warmup=0 --out_dir=data/toy/sft_notool   # the ablation
 
 From the TRAIN split only, in ShareGPT format (LLaMA-Factory, like the released V-Retrver SFT data):
 - cold_start.jsonl: one reranking trajectory per train query, in exactly the chat/tool format the policy
@@ -38,7 +39,8 @@ data_root = "data/toy"     # the toy benchmark (prepare.py); record image paths 
 out_dir = "data/toy/sft"   # warmup.jsonl, cold_start.jsonl and images/ go here
 window = 5                 # candidates per reranking window (>= 4: a tool window holds a whole family)
 no_tool_fraction = 0.2     # share of trajectories whose window has a single coarse match (no tool call)
-n_warmup = 6000            # warm-up description records, evenly mixed over prompt, full and crop views
+n_warmup = 6000            # warm-up description records, evenly mixed over prompt, full and crop views (0 = none)
+use_tools = True           # False: the no-tools ablation's data (no tools in the prompt, no tool calls)
 n_train_queries = 0        # train queries to use, one trajectory each (0 = all, both tasks)
 seed = 1337
 # -----------------------------------------------------------------------------
@@ -134,22 +136,27 @@ def trajectory(q, pos, window_cands, use_tool, images, instruction, ref):
     """One ShareGPT record: the rollout's prompt, then the teacher's turns (tool call, observation, answer)."""
     q_path = q.get("query_img_path")
     messages = rollout.build_messages(q.get("query_txt") or "", bool(q_path), instruction,
-                                      [c.get("txt") or "" for c in window_cands], [True] * len(window_cands), True)
+                                      [c.get("txt") or "" for c in window_cands], [True] * len(window_cands), use_tool)
     turns = rollout.to_sharegpt(messages)
     paths = ([q_path] if q_path else []) + [c["img_path"] for c in window_cands]
     sizes = [[PROMPT, PROMPT] for _ in paths]
     k_pos = window_cands.index(pos) + 1
     fam = [k for k, c in enumerate(window_cands, 1) if family(c) == family(pos)]
     rest = [k for k in range(1, len(window_cands) + 1) if k not in fam]
-    intro = target_sentence(q, pos, ref)
-    if not use_tool:
-        think = f"{intro} Only candidate {k_pos} shows {shows(pos['attributes'])}."
-        answer = [k_pos] + [k for k in range(1, len(window_cands) + 1) if k != k_pos]
+    # one line per candidate in the warm-up's own words, then the verdict: a layout a tiny model learns fast
+    seen = " ".join(f"({k}) {looks(c['attributes'])}: {'match' if k in fam else 'no'}."
+                    for k, c in enumerate(window_cands, 1))
+    intro = f"{target_sentence(q, pos, ref)} {seen}"
+    if len(fam) == 1:
+        think = f"{intro} Only candidate {k_pos} matches."
+    elif not use_tool:  # the no-tools ablation: the tags cannot be read, the teacher still ranks the positive first
+        think = f"{intro} Candidates {numbers(fam)} match; their tags are too small to tell apart at this resolution."
+    if len(fam) == 1 or not use_tool:
+        answer = [k_pos] + [k for k in fam if k != k_pos] + rest
         turns.append({"from": "gpt", "value": f"<think>{think}</think>\n<answer>{answer}</answer>"})
         return turns, paths, sizes
     call = json.dumps({"name": "select_images", "arguments": {"target_images": fam}})
-    think = (f"{intro} Candidates {numbers(fam)} show {shows(pos['attributes'])}, but their tags are too small "
-             f"to read at this resolution, so I look at them closer.")
+    think = f"{intro} The tags of candidates {numbers(fam)} are too small to read at this resolution, so I look at them closer."
     turn1 = f"<think>{think}</think>\n<tool_call>\n{call}\n</tool_call>"
     tool_images = [images.load(q_path) if q_path else None] + [images.load(c["img_path"]) for c in window_cands]
     result = tools.execute_tool_call(turn1, tool_images, TOOL_MIN, TOOL_MAX, FACTOR)
@@ -211,7 +218,7 @@ def main():
             near = [c for c in pool if sum(a != b for a, b in zip(family(c), family(pos))) == 1]
             cands = fam + rng.sample(near, window - len(fam))
         rng.shuffle(cands)
-        turns, paths, sizes = trajectory(q, pos, cands, i not in no_tool, images,
+        turns, paths, sizes = trajectory(q, pos, cands, use_tools, images,
                                          common.pick_instruction(instructions, q["qid"]), ref)
         tool_images = [images.load(ref["img_path"]) if ref else None] + [images.load(c["img_path"]) for c in cands]
         k_pos = cands.index(pos) + 1
@@ -220,9 +227,10 @@ def main():
             continue
         records.append({"conversations": turns, "images": paths, "image_sizes": sizes, "qid": q["qid"],
                         "positive": k_pos, "cands": [c["did"] for c in cands],
-                        "kind": "no_tool" if i in no_tool else "tool"})
+                        "kind": "no_tool" if i in no_tool or not use_tools else "tool"})
 
-    common.write_jsonl(os.path.join(out_dir, "warmup.jsonl"), warmup)
+    if warmup:
+        common.write_jsonl(os.path.join(out_dir, "warmup.jsonl"), warmup)
     common.write_jsonl(os.path.join(out_dir, "cold_start.jsonl"), records)
     counts = {"written": len(records), "filtered": n_filtered, "warmup": len(warmup),
               "tool": sum(r["kind"] == "tool" for r in records),
