@@ -164,9 +164,19 @@ def main():
         setattr(sft, k, globals()[k])
     if world_size > 1:
         dist.barrier()  # rank 0 has written the data
-    records = sft.load_records(data_path, data_root)
+    records = sft.load_records(data_path, data_root) if os.path.exists(data_path) else []
     examples = [sft.render(r, processor) for r in records]
     model_path = os.path.join(out_dir, "model")
+    if len(examples) < batch_size * grad_accum * world_size:  # too few for one optimizer step
+        print0(f"only {len(examples)} accepted trajectories, fewer than one step needs: the policy is saved "
+               f"unchanged as {model_path}")
+        if rank == 0:
+            model.save_pretrained(model_path)
+            processor.save_pretrained(model_path)
+            common.atomic_write(os.path.join(model_path, "trainer_state.pt"), lambda f: torch.save(
+                {"step": 0, "optimizer": None, "accepted": len(examples)}, f), mode="wb")
+        common.dist_cleanup()
+        return
     if resume and os.path.exists(os.path.join(model_path, "trainer_state.pt")):
         model = common.load_model(model_path, dtype=torch_dtype, device=device)
     model.train()

@@ -1,0 +1,191 @@
+"""
+The whole toy pipeline in one command, on 2 CPU cores, from a fresh clone (after the install line):
+
+    python data/toy/run.py                  # ~30 min: writes out/toy/results.md and out/toy/results.json
+    python data/toy/run.py --quick=True --out=out/toy_quick   # minutes: tiny step counts (the smoke test)
+
+prepare -> embed (stage 0) -> retrieve -> vision pretraining + warm-up (the base model: the toy's stand-in
+for a pretrained VLM, REFERENCE §9) -> cold-start SFT -> RSFT -> GRPO, each reranker stage evaluated on the
+test split (rollout.py over the stage-0 top 5, then evaluate.py); plus the no-tools ablation, which shares
+everything before cold-start SFT: SFT on the same windows without tools, then GRPO without tools.
+Every stage is the command a user would type (printed as it runs), run as its own process. A stage whose
+output exists is skipped, so a rerun resumes after the last finished stage (the stages resume inside,
+too); results are written when all stages are done. Seeds are fixed.
+"""
+
+import os
+import subprocess
+import sys
+import time
+
+from tqdm import tqdm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+import common  # noqa: E402
+from configurator import configure  # noqa: E402
+
+# -----------------------------------------------------------------------------
+out = "out/toy"            # every stage's output goes under it
+data = "data/toy"          # the generated benchmark
+quick = False              # tiny step counts and splits: checks the plumbing, not the numbers
+seed = 1337
+# -----------------------------------------------------------------------------
+
+TEST = ("query/test/mbeir_toyt2i_task0_test.jsonl,query/test/mbeir_toycir_task7_test.jsonl",
+        "cand_pool/test/mbeir_toyt2i_task0_test_cand_pool.jsonl,cand_pool/test/mbeir_toycir_task7_test_cand_pool.jsonl")
+TRAIN = ("query/train/mbeir_toyt2i_task0_train.jsonl,query/train/mbeir_toycir_task7_train.jsonl",
+         "cand_pool/train/mbeir_toyt2i_task0_train_cand_pool.jsonl,cand_pool/train/mbeir_toycir_task7_train_cand_pool.jsonl")
+QRELS = "qrels/test/mbeir_toyt2i_task0_test_qrels.txt,qrels/test/mbeir_toycir_task7_test_qrels.txt"
+
+
+def settings(quick):
+    """Step counts and sizes of every stage: (full run, quick run)."""
+    pick = lambda full, small: small if quick else full  # noqa: E731
+    return {
+        "prepare": [f"--n_train={pick(1536, 24)}", f"--n_test={pick(100, 6)}"],
+        "embed": [f"--embed_train_steps={pick(600, 4)}", f"--embed_batch_size={pick(64, 16)}"],
+        "cold_start": [f"--n_warmup={pick(6000, 48)}"],
+        "vision": [f"--vision_steps={pick(2000, 4)}"],
+        "warmup": [f"--epochs={pick(3, 1)}", "--batch_size=32", "--learning_rate=1e-3"],
+        "sft": [f"--epochs={pick(1, 0.2)}", "--batch_size=8", "--learning_rate=1e-3", "--log_every=50"],
+        "rsft": [f"--n_queries={pick(256, 4)}", "--n_samples=4", "--batch_queries=8", "--epochs=1", "--batch_size=8",
+                 "--learning_rate=3e-4", f"--max_new_tokens={pick(256, 48)}"],
+        "grpo": [f"--max_steps={pick(20, 2)}", f"--prompts_per_step={pick(8, 2)}", f"--group_size={pick(8, 2)}",
+                 "--learning_rate=5e-5", "--warmup_steps=2", f"--max_new_tokens={pick(256, 48)}", "--micro_batch_size=8"],
+        "rerank": ["--top_n=5", "--window=5", "--stride=5", "--batch_queries=20", f"--max_new_tokens={pick(256, 48)}"],
+    }
+
+
+def stages(quick):
+    """(name, command, the file it leaves when done), in order."""
+    s = settings(quick)
+    py = [sys.executable]
+    o, d = out, data
+    common_args = [f"{o}/config.py"]  # config/toy.py with this run's paths and seed (main writes it)
+    run = [
+        ("prepare", py + ["data/toy/prepare.py", f"--out_dir={d}", f"--seed={seed}"] + s["prepare"], f"{d}/meta.json"),
+        ("embed", py + ["embed.py"] + common_args + [f"--out_dir={o}/embed", f"--query_files={TEST[0]},{TRAIN[0]}",
+                                                      f"--pool_files={TEST[1]},{TRAIN[1]}"] + s["embed"],
+         f"{o}/embed/emb/mbeir_toycir_task7_train_cand_pool.npy"),
+        ("retrieve_test", py + ["retrieve.py"] + common_args + [f"--emb_dir={o}/embed/emb", f"--ranked={o}/ranked_test.jsonl"],
+         f"{o}/ranked_test.jsonl"),
+        ("retrieve_train", py + ["retrieve.py"] + common_args + [f"--emb_dir={o}/embed/emb", f"--ranked={o}/ranked_train.jsonl",
+                                                                 f"--query_files={TRAIN[0]}", f"--pool_files={TRAIN[1]}"],
+         f"{o}/ranked_train.jsonl"),
+        ("stage0_eval", py + ["evaluate.py", f"--ranked={o}/ranked_test.jsonl", f"--out={o}/stage0/metrics.json",
+                              "--qrels=" + ",".join(f"{d}/{q}" for q in QRELS.split(","))], f"{o}/stage0/metrics.json"),
+        ("cold_start", py + ["data/toy/cold_start.py"] + common_args + [f"--out_dir={d}/sft"] + s["cold_start"],
+         f"{d}/sft/cold_start.jsonl"),
+        ("cold_start_notool", py + ["data/toy/cold_start.py"] + common_args + [f"--out_dir={d}/sft_notool", "--use_tools=False",
+                                                                              "--n_warmup=0"], f"{d}/sft_notool/cold_start.jsonl"),
+        ("vision", py + ["data/toy/vision_pretrain.py"] + common_args + [f"--out_dir={o}/vision"] + s["vision"], f"{o}/vision/config.json"),
+        ("warmup", py + ["sft.py"] + common_args + [f"--init_from={o}/vision", "--sft_data=sft/warmup.jsonl", f"--out_dir={o}/base",
+                                                    "--freeze_vision=True"] + s["warmup"], f"{o}/base/model/trainer_state.pt"),
+        ("sft", py + ["sft.py"] + common_args + [f"--init_from={o}/base/model", "--sft_data=sft/cold_start.jsonl",
+                                                 f"--out_dir={o}/sft"] + s["sft"], f"{o}/sft/model/trainer_state.pt"),
+        ("rsft", py + ["rsft.py"] + common_args + [f"--policy={o}/sft/model", f"--out_dir={o}/rsft", f"--ranked_in={o}/ranked_train.jsonl"]
+         + s["rsft"], f"{o}/rsft/model/trainer_state.pt"),
+        ("grpo", py + ["grpo.py"] + common_args + [f"--policy={o}/rsft/model", f"--out_dir={o}/grpo", f"--ranked_in={o}/ranked_train.jsonl"]
+         + s["grpo"], f"{o}/grpo/model/trainer_state.pt"),
+        ("sft_notool", py + ["sft.py"] + common_args + [f"--init_from={o}/base/model", "--sft_data=sft_notool/cold_start.jsonl",
+                                                        f"--out_dir={o}/sft_notool"] + s["sft"], f"{o}/sft_notool/model/trainer_state.pt"),
+        ("grpo_notool", py + ["grpo.py"] + common_args + [f"--policy={o}/sft_notool/model", f"--out_dir={o}/grpo_notool", "--use_tools=False",
+                                                          f"--ranked_in={o}/ranked_train.jsonl"] + s["grpo"], f"{o}/grpo_notool/model/trainer_state.pt"),
+    ]
+    # each policy reranks the test split right after it is trained
+    rerankers = {"warmup": ("base", f"{o}/base/model", True), "sft": ("sft", f"{o}/sft/model", True),
+                 "rsft": ("rsft", f"{o}/rsft/model", True), "grpo": ("grpo", f"{o}/grpo/model", True),
+                 "sft_notool": ("sft_notool", f"{o}/sft_notool/model", False), "grpo_notool": ("grpo_notool", f"{o}/grpo_notool/model", False)}
+    ordered = []
+    for name, cmd, done in run:
+        ordered.append((name, cmd, done))
+        if name in rerankers:
+            tag, policy, tools_on = rerankers[name]
+            ordered.append((f"{tag}_rerank", py + ["rollout.py"] + common_args + [
+                f"--policy={policy}", f"--out_dir={o}/rerank_{tag}", f"--ranked_in={o}/ranked_test.jsonl",
+                f"--use_tools={tools_on}"] + s["rerank"], f"{o}/rerank_{tag}/reranked.jsonl.done"))
+            ordered.append((f"{tag}_eval", py + ["evaluate.py", f"--ranked={o}/rerank_{tag}/reranked.jsonl",
+                                                 "--qrels=" + ",".join(f"{d}/{q}" for q in QRELS.split(","))],
+                            f"{o}/rerank_{tag}/metrics.json"))
+    return ordered
+
+
+ROWS = [("stage-0 (embedder)", "stage0", None), ("warm-up base, zero-shot", "base", "warmup"), ("SFT", "sft", "sft"),
+        ("SFT + RSFT", "rsft", "rsft"), ("SFT + RSFT + GRPO", "grpo", "grpo"),
+        ("no tools: SFT", "sft_notool", "sft_notool"), ("no tools: SFT + GRPO", "grpo_notool", "grpo_notool")]
+
+
+def trajectory_stats(path):
+    """Answer-format validity, tool-call rate and mean generated tokens over a rerank's trajectories."""
+    import rollout
+    trajs = common.read_jsonl(path)
+    n = max(1, len(trajs))
+    return {"format_valid": 100 * sum(rollout.is_well_formed(t["final_text"]) for t in trajs) / n,
+            "tool_call_rate": 100 * sum(t["n_valid_calls"] > 0 for t in trajs) / n,
+            "mean_generated_tokens": sum(t["n_generated"] for t in trajs) / n}
+
+
+def results(times):
+    rows = []
+    for label, tag, trained_by in ROWS:
+        metric_dir = f"{out}/stage0" if tag == "stage0" else f"{out}/rerank_{tag}"
+        m = common.read_json(f"{metric_dir}/metrics.json")["average"]
+        row = {"stage": label, "R@1": m["R@1"], "R@5": m["R@5"], "MRR": m["MRR"]}
+        if tag == "stage0":
+            row.update(format_valid=None, tool_call_rate=None, mean_generated_tokens=None,
+                       train_seconds=round(times.get("embed", 0)))
+        else:
+            row.update(trajectory_stats(f"{metric_dir}/trajectories.jsonl"))
+            train = times.get(trained_by, 0) + (times.get("vision", 0) if trained_by == "warmup" else 0)
+            row["train_seconds"] = round(train)
+            row["rerank_seconds"] = round(times.get(f"{tag}_rerank", 0))
+        rows.append(row)
+    fmt = lambda v, p=1: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
+    lines = ["| stage | R@1 | R@5 | MRR | format valid % | tool-call rate % | mean generated tokens | train s | rerank s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['stage']} | {fmt(r['R@1'])} | {fmt(r['R@5'])} | {fmt(r['MRR'])} | {fmt(r['format_valid'])} | "
+                     f"{fmt(r['tool_call_rate'])} | {fmt(r['mean_generated_tokens'], 0)} | {r['train_seconds']} | "
+                     f"{r.get('rerank_seconds', '-')} |")
+    total = sum(times.values())
+    md = (f"# Toy results ({'quick mode: plumbing only' if quick else 'full run'})\n\n"
+          f"Test split of the toy benchmark, 200 queries, rerank of the stage-0 top 5. Wall time of the whole run "
+          f"(this machine): {total / 60:.1f} min.\n\n" + "\n".join(lines) + "\n\nStage wall times (s): "
+          + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + "\n")
+    common.atomic_write(f"{out}/results.md", lambda f: f.write(md))
+    common.write_json(f"{out}/results.json", {"rows": rows, "stage_seconds": times, "total_seconds": total, "quick": quick})
+    print(md)
+    return rows
+
+
+def main():
+    os.chdir(ROOT)
+    os.makedirs(out, exist_ok=True)
+    times_path = f"{out}/stage_seconds.json"
+    times = common.read_json(times_path) if os.path.exists(times_path) else {}
+    with open("config/toy.py") as f:
+        config = f.read()
+    config += (f"\n# written by data/toy/run.py: this run's paths and seed\ndata_root = {data!r}\n"
+               f"tokenizer_dir = {data + '/tokenizer'!r}\nseed = {seed}\nemb_dir = {out + '/embed/emb'!r}\n")
+    common.atomic_write(f"{out}/config.py", lambda f: f.write(config))
+    todo = stages(quick)
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    for name, cmd, done in tqdm(todo, desc="toy pipeline", unit="stage"):
+        if os.path.exists(done):
+            continue
+        tqdm.write(f"\n[{name}] {' '.join(cmd[1:])}")
+        t0 = time.time()
+        proc = subprocess.run(cmd, env=env)
+        if proc.returncode != 0:
+            raise SystemExit(f"stage {name} failed (exit {proc.returncode}): {' '.join(cmd[1:])}")
+        if done.endswith(".done"):  # rollout.py resumes on its own: mark the stage finished only here
+            common.atomic_write(done, lambda f: f.write("done\n"))
+        times[name] = time.time() - t0
+        common.write_json(times_path, times)
+    return results(times)
+
+
+if __name__ == "__main__":
+    configure(globals())
+    main()
