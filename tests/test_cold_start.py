@@ -25,12 +25,13 @@ def sft(toy_data):
     """Run cold_start twice into the toy benchmark's sft/ dir; removed afterwards, since the shared toy dir
     is compared file by file against a fresh prepare run elsewhere."""
     out = os.path.join(toy_data, "sft")
-    argv = [f"--data_root={toy_data}", f"--out_dir={out}", f"--n_warmup={N_WARMUP}"]
+    argv = [f"--data_root={toy_data}", f"--out_dir={out}", f"--n_warmup={N_WARMUP}", "--n_windows=6"]
     _, counts = run_stage("cold_start", argv)
     first = read_files(out)
     _, counts_again = run_stage("cold_start", argv)
     yield {"root": toy_data, "counts": counts, "first": first, "second": read_files(out), "again": counts_again,
            "warmup": common.read_jsonl(os.path.join(out, "warmup.jsonl")),
+           "windows": common.read_jsonl(os.path.join(out, "warmup_windows.jsonl")),
            "cold": common.read_jsonl(os.path.join(out, "cold_start.jsonl"))}
     shutil.rmtree(out)
 
@@ -63,6 +64,22 @@ def test_images_and_sizes(sft):
             assert not os.path.isabs(path) and os.path.exists(os.path.join(sft["root"], path))
             if path.startswith("sft/"):  # images the script saved are stored at the size they are shown
                 assert list(common.load_image(os.path.join(sft["root"], path)).size) == size
+
+
+def test_window_warmup_records(sft):
+    """Multi-image records: one verdict per image, in the trajectories' words, images at their view size."""
+    assert len(sft["windows"]) == 6
+    for i, r in enumerate(sft["windows"]):
+        human, gpt = [t["value"] for t in r["conversations"]]
+        n = human.count("<image>")
+        assert n == len(r["images"]) == len(r["image_sizes"]) == (5 if i % 2 == 0 else 4)
+        assert [gpt.count(f"({k}) ") for k in range(1, n + 1)] == [1] * n
+        for path, size in zip(r["images"], r["image_sizes"]):
+            assert list(common.load_image(os.path.join(sft["root"], path)).size) == size == ([28, 28] if i % 2 == 0 else [112, 112])
+        if i % 2 == 0:  # the prompt view: at least one candidate matches the query's colour, background and corner
+            assert gpt.count(": match.") >= 1 and gpt.count(": match.") + gpt.count(": no.") == 5
+        else:  # a family's 4 tags: exactly one is the query's
+            assert gpt.count(", yes.") == 1 and gpt.count(", no.") == 3
 
 
 def test_warmup_describes_its_images(sft):

@@ -40,6 +40,7 @@ out_dir = "data/toy/sft"   # warmup.jsonl, cold_start.jsonl and images/ go here
 window = 5                 # candidates per reranking window (>= 4: a tool window holds a whole family)
 no_tool_fraction = 0.2     # share of trajectories whose window has a single coarse match (no tool call)
 n_warmup = 6000            # warm-up description records, evenly mixed over prompt, full and crop views (0 = none)
+n_windows = 3000           # multi-image warm-up records (warmup_windows.jsonl; 0 = none)
 use_tools = True           # False: the no-tools ablation's data (no tools in the prompt, no tool calls)
 n_train_queries = 0        # train queries to use, one trajectory each (0 = all, both tasks)
 seed = 1337
@@ -113,6 +114,58 @@ def warmup_records(images):
     return records
 
 
+def random_attributes(rng):
+    return {"colour": str(rng.choice(list(prepare.COLOURS))), "background": str(rng.choice(list(prepare.BACKGROUNDS))),
+            "corner": str(rng.choice(prepare.CORNERS)), "mark": str(rng.choice(prepare.MARKS))}
+
+
+def near(a, rng):
+    """a's attributes with exactly one of colour, background and corner changed."""
+    key = str(rng.choice(list(COARSE)))
+    values = {"colour": list(prepare.COLOURS), "background": list(prepare.BACKGROUNDS), "corner": prepare.CORNERS}[key]
+    return {**a, key: str(rng.choice([v for v in values if v != a[key]]))}
+
+
+def window_records(images):
+    """n_windows multi-image warm-up records in the trajectories' own words, short (no system prompt): the
+    step a tiny model finds hardest is tying "(k)" to the k-th image of a window. Even i: 5 candidates at
+    the prompt view, each described and judged against the query's colour, background and corner; odd i:
+    a family's 4 members at full resolution (what select_images returns), each tag read and judged."""
+    rng = np.random.default_rng(seed + 2)
+    records = []
+    for i in range(n_windows):
+        target = random_attributes(rng)
+        if i % 2 == 0:
+            n_match = int(rng.integers(1, 5))
+            cands = [{**target, "mark": str(rng.choice(prepare.MARKS))} for _ in range(n_match)]
+            cands += [near(target, rng) if rng.random() < 0.7 else random_attributes(rng) for _ in range(5 - n_match)]
+            rng.shuffle(cands)
+            question = (f"Query: {looks(target)}.\nCandidates:" + "".join(f"({k}) <image>" for k in range(1, 6))
+                        + "\nDescribe each candidate and say whether it matches.")
+            answer = " ".join(f"({k}) {looks(c)}: {'match' if family_of(c) == family_of(target) else 'no'}."
+                              for k, c in enumerate(cands, 1))
+            size = PROMPT
+        else:
+            cands = [{**target, "mark": m} for m in rng.permutation(prepare.MARKS)]
+            question = (f"Query: {prepare.MARK_NAMES[target['mark']]}.\nHere are the selected images (Numbered 1 to 4):"
+                        + "<image>" * 4 + "\nRead each tag.")
+            answer = " ".join(f"({k}) {prepare.MARK_NAMES[c['mark']]}, {'yes' if c['mark'] == target['mark'] else 'no'}."
+                              for k, c in enumerate(cands, 1))
+            size = prepare.IMAGE_SIZE
+        paths = []
+        for k, c in enumerate(cands):
+            img = prepare.render(c["colour"], c["background"], c["corner"], c["mark"], rng)
+            img = common.qwen_resize(img, size * size, size * size)
+            paths.append(images.save(img, f"window_{i}_{k}"))
+        records.append({"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}],
+                        "images": paths, "image_sizes": [[size, size]] * len(paths), "kind": "window"})
+    return records
+
+
+def family_of(a):
+    return tuple(a[k] for k in COARSE)
+
+
 def target_sentence(q, pos, ref):
     """What the query asks for, in the teacher's words."""
     p = pos["attributes"]
@@ -146,7 +199,8 @@ def trajectory(q, pos, window_cands, use_tool, images, instruction, ref):
     # one line per candidate in the warm-up's own words, then the verdict: a layout a tiny model learns fast
     seen = " ".join(f"({k}) {looks(c['attributes'])}: {'match' if k in fam else 'no'}."
                     for k, c in enumerate(window_cands, 1))
-    intro = f"{target_sentence(q, pos, ref)} {seen}"
+    # the target restated in the very words of the candidate lines: each verdict compares two equal-shaped phrases
+    intro = f"{target_sentence(q, pos, ref)} The match looks like {looks(pos['attributes'])}. {seen}"
     if len(fam) == 1:
         think = f"{intro} Only candidate {k_pos} matches."
     elif not use_tool:  # the no-tools ablation: the tags cannot be read, the teacher still ranks the positive first
@@ -201,7 +255,7 @@ def main():
     if 0 < n_train_queries < len(queries):
         queries = [queries[i] for i in sorted(rng.sample(range(len(queries)), n_train_queries))]
     images = Images()
-    warmup = warmup_records(images)
+    warmup, windows = warmup_records(images), window_records(images)
 
     no_tool = set(rng.sample(range(len(queries)), round(no_tool_fraction * len(queries))))
     records, n_filtered = [], 0
@@ -231,6 +285,8 @@ def main():
 
     if warmup:
         common.write_jsonl(os.path.join(out_dir, "warmup.jsonl"), warmup)
+    if windows:
+        common.write_jsonl(os.path.join(out_dir, "warmup_windows.jsonl"), windows)
     common.write_jsonl(os.path.join(out_dir, "cold_start.jsonl"), records)
     counts = {"written": len(records), "filtered": n_filtered, "warmup": len(warmup),
               "tool": sum(r["kind"] == "tool" for r in records),
