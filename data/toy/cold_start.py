@@ -270,8 +270,10 @@ def main():
             cands = [pos] + rng.sample(others, window - 1)
         else:
             near = [c for c in pool if sum(a != b for a, b in zip(family(c), family(pos))) == 1]
+            rng.shuffle(fam)  # the family first, as stage 0 ranks it (its top 4 is the family for every toy query)
             cands = fam + rng.sample(near, window - len(fam))
-        rng.shuffle(cands)
+        if i in no_tool:
+            rng.shuffle(cands)
         turns, paths, sizes = trajectory(q, pos, cands, use_tools, images,
                                          common.pick_instruction(instructions, q["qid"]), ref)
         tool_images = [images.load(ref["img_path"]) if ref else None] + [images.load(c["img_path"]) for c in cands]
