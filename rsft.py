@@ -164,7 +164,7 @@ def main():
         setattr(sft, k, globals()[k])
     if world_size > 1:
         dist.barrier()  # rank 0 has written the data
-    records = sft.load_records(data_path, data_root) if os.path.exists(data_path) else []
+    records = sft.load_records(os.path.abspath(data_path), data_root) if os.path.exists(data_path) else []
     examples = [sft.render(r, processor) for r in records]
     model_path = os.path.join(out_dir, "model")
     if len(examples) < batch_size * grad_accum * world_size:  # too few for one optimizer step

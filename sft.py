@@ -190,10 +190,11 @@ def build_model(device, torch_dtype):
 
 
 def shard(model, world_size):
-    """FSDP2 under torchrun: each decoder layer, then the root; one process keeps the plain model."""
+    """FSDP2 under torchrun: the vision tower, each decoder layer, then the root; one process keeps the plain model."""
     if world_size == 1:
         return model
     from torch.distributed.fsdp import fully_shard
+    fully_shard(model.model.visual)  # its own unit: a frozen tower never shares a parameter group with trained weights
     for layer in model.model.language_model.layers:
         fully_shard(layer)
     fully_shard(model)

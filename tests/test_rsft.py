@@ -67,8 +67,9 @@ def test_rsft_keeps_only_well_formed_trajectories_that_rank_the_positive_first(r
     assert r["conversations"][3]["value"].startswith("Here are the selected images for detailed analysis.")
     assert len(r["images"]) == 5 + 2 and r["image_sizes"][-1] == [112, 112] and r["positive"] == 2
     assert common.load_model(f"{root}/any/model") is not None  # then it fine-tuned through sft.train
-    # require_tool: only the tool-using trajectory survives
-    run_stage("rsft", args + [f"--out_dir={root}/tool", "--require_tool=True"])
+    # require_tool: only the tool-using trajectory survives; out_dir relative to the working directory this time
+    monkeypatch.chdir(root)
+    run_stage("rsft", args + ["--out_dir=tool", "--require_tool=True"])
     records = common.read_jsonl(f"{root}/tool/rsft_data.jsonl")
     assert len(records) == len(ranked) and all(len(r["conversations"]) == 5 for r in records)
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import common
+from transformers import AutoTokenizer
 import rollout
 import tools
 from conftest import REPO, run_stage
@@ -117,16 +118,21 @@ def run_sft(args, nproc):
     return out.stdout
 
 
-def test_fsdp_two_ranks_equal_one_rank(toy_data, sft_data, tmp_path):
+@pytest.mark.parametrize("freeze_vision", [False, True])
+def test_fsdp_two_ranks_equal_one_rank(toy_data, sft_data, tmp_path, freeze_vision):
     """The same global batch (2 micro-batches): 2 gloo ranks x 1 vs 1 process x grad_accum 2."""
     base = [f"--data_root={toy_data}", f"--sft_data={sft_data}", f"--tokenizer_dir={toy_data}/tokenizer",
-            "--epochs=2", "--batch_size=1", "--learning_rate=1e-3", "--freeze_vision=False", "--warmup_frac=0.5"] + TINY
+            "--epochs=2", "--batch_size=1", "--learning_rate=1e-3", f"--freeze_vision={freeze_vision}", "--warmup_frac=0.5"] + TINY
     run_sft(base + [f"--out_dir={tmp_path}/one", "--grad_accum=2"], 1)
     run_sft(base + [f"--out_dir={tmp_path}/two", "--grad_accum=1"], 2)
     one = common.load_model(f"{tmp_path}/one/model").state_dict()
     two = common.load_model(f"{tmp_path}/two/model").state_dict()
     assert one.keys() == two.keys()
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+    if freeze_vision:  # the frozen tower is saved as it was built
+        init = common.build_tiny_model("qwen2_5_vl", AutoTokenizer.from_pretrained(f"{toy_data}/tokenizer"), seed=1337,
+                                       n_layer=2, n_embd=64, n_head=2, n_kv_head=1, vision_depth=1, vision_hidden=32).state_dict()
+        assert all(torch.equal(init[k], two[k]) for k in init if "visual" in k)
 
 
 def test_resume_continues_where_it_stopped(toy_data, sft_data, tmp_path):
