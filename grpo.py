@@ -219,7 +219,7 @@ def main():
         raise ValueError(f"prompts_per_step={prompts_per_step} is not a multiple of the world size {world_size}")
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     queries, pool, instructions = rollout.load_benchmark(data_root, query_files, pool_files, instructions_file)
-    ranked = [r for r in common.read_jsonl(ranked_in, required=("qid", "cands"))]
+    ranked = common.read_jsonl(ranked_in, required=("qid", "cands"))
     for r in ranked:
         if r["qid"] not in queries:
             raise ValueError(f"{ranked_in}: qid {r['qid']} is in none of the query files")
@@ -293,8 +293,7 @@ def main():
                                    world_size, device, reference)
 
         # ---- logging: totals over all ranks ----
-        tops = [t["answer"] is not None and positive_rank(t["final_text"], positives[i // group_size]) == 1
-                for i, t in enumerate(trajs)]
+        tops = [positive_rank(t["final_text"], positives[i // group_size]) == 1 for i, t in enumerate(trajs)]
         stats = torch.tensor([rewards.sum().item(), (rewards ** 2).sum().item(), rewards.numel(), sum(tops),
                               sum(t["n_valid_calls"] > 0 for t in trajs), sum(t["n_generated"] for t in trajs),
                               float((rewards.std(dim=1) < 1e-6).sum()), rewards.shape[0]], device=device, dtype=torch.float64)
