@@ -25,13 +25,14 @@ def sft(toy_data):
     """Run cold_start twice into the toy benchmark's sft/ dir; removed afterwards, since the shared toy dir
     is compared file by file against a fresh prepare run elsewhere."""
     out = os.path.join(toy_data, "sft")
-    argv = [f"--data_root={toy_data}", f"--out_dir={out}", f"--n_warmup={N_WARMUP}", "--n_windows=6"]
+    argv = [f"--data_root={toy_data}", f"--out_dir={out}", f"--n_warmup={N_WARMUP}", "--n_windows=6", "--n_restate=8"]
     _, counts = run_stage("cold_start", argv)
     first = read_files(out)
     _, counts_again = run_stage("cold_start", argv)
     yield {"root": toy_data, "counts": counts, "first": first, "second": read_files(out), "again": counts_again,
            "warmup": common.read_jsonl(os.path.join(out, "warmup.jsonl")),
            "windows": common.read_jsonl(os.path.join(out, "warmup_windows.jsonl")),
+           "restate": common.read_jsonl(os.path.join(out, "warmup_queries.jsonl")),
            "cold": common.read_jsonl(os.path.join(out, "cold_start.jsonl"))}
     shutil.rmtree(out)
 
@@ -78,8 +79,31 @@ def test_window_warmup_records(sft):
             assert list(common.load_image(os.path.join(sft["root"], path)).size) == size == ([28, 28] if i % 2 == 0 else [112, 112])
         if i % 2 == 0:  # the prompt view: at least one candidate matches the query's colour, background and corner
             assert gpt.count(": match.") >= 1 and gpt.count(": match.") + gpt.count(": no.") == 5
-        else:  # a family's 4 tags: exactly one is the query's
-            assert gpt.count(", yes.") == 1 and gpt.count(", no.") == 3
+        else:  # a family's 4 tags: exactly one is the query's, and it is ranked first
+            wanted = human.split("Query: ")[1].split(".")[0]
+            assert wanted in prepare.MARK_NAMES.values()
+            assert gpt.count(f", wanted {wanted}: ") == 4 and gpt.count(": yes.") == 1 and gpt.count(": no.") == 3
+            k_yes = int(re.search(r"candidate (\d): ([a-z ]+), wanted [a-z ]+: yes\.", gpt).group(1))
+            assert re.search(rf"candidate {k_yes}: {wanted}, wanted", gpt)
+            assert rollout.parse_answer(gpt) == [k_yes] + [k for k in range(1, 6) if k != k_yes]
+
+
+def test_restate_records(sft):
+    """Query-reading records: a fresh query in the benchmark's templates, the target restated in the teacher's words."""
+    assert len(sft["restate"]) == 8
+    for i, r in enumerate(sft["restate"]):
+        human, gpt = [t["value"] for t in r["conversations"]]
+        a, ref = r["attributes"], r["reference"]
+        assert human.startswith("Query:") and human.endswith("\nRestate the query.")
+        assert prepare.MARK_NAMES[a["mark"]] in human and f"with {prepare.MARK_NAMES[a['mark']]}" in gpt
+        assert gpt.endswith(f"The match looks like a {a['colour']} disc on {a['background']}, tag in the {a['corner']} corner.")
+        if i % 2 == 0:  # text -> image: every attribute is in the text
+            assert ref is None and r["images"] == [] and all(a[k] in human for k in ("colour", "background", "corner"))
+        else:  # composed: the reference differs in colour or background; the text names only the change
+            assert human.startswith("Query:<image>") and r["image_sizes"] == [[28, 28]] and ref["corner"] == a["corner"]
+            changed = [k for k in ("colour", "background") if ref[k] != a[k]]
+            assert len(changed) == 1 and a[changed[0]] in human and a["corner"] not in human
+            assert list(common.load_image(os.path.join(sft["root"], r["images"][0])).size) == [28, 28]
 
 
 def test_warmup_describes_its_images(sft):
@@ -135,10 +159,10 @@ def test_trajectories(sft, bench):
         assert turns[3]["value"] == ("Here are the selected images for detailed analysis. (Image Size: 112x112, "
                                      "Numbered 1 to 4):" + "<image>" * 4)
         assert r["image_sizes"][-4:] == [[112, 112]] * 4 and len(r["images"]) == int(has_q) + 9
-        reads = re.findall(r"\((\d)\) candidate (\d): (a [a-z ]+ tag), (yes|no)\.", final)
-        assert [(int(i), int(k)) for i, k, _, _ in reads] == list(enumerate(family, 1))
-        for _, k, name, verdict in reads:
-            assert MARK_OF_NAME[name] == cands[int(k) - 1]["attributes"]["mark"]
+        reads = re.findall(r"\((\d)\) candidate (\d): (a [a-z ]+ tag), wanted (a [a-z ]+ tag): (yes|no)\.", final)
+        assert [(int(i), int(k)) for i, k, _, _, _ in reads] == list(enumerate(family, 1))
+        for _, k, name, wanted, verdict in reads:
+            assert MARK_OF_NAME[name] == cands[int(k) - 1]["attributes"]["mark"] and MARK_OF_NAME[wanted] == a["mark"]
             assert (verdict == "yes") == (int(k) == r["positive"])
         assert answer[:4] == [r["positive"]] + [k for k in family if k != r["positive"]]
         if has_q:

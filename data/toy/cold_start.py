@@ -41,6 +41,7 @@ window = 5                 # candidates per reranking window (>= 4: a tool windo
 no_tool_fraction = 0.2     # share of trajectories whose window has a single coarse match (no tool call)
 n_warmup = 6000            # warm-up description records, evenly mixed over prompt, full and crop views (0 = none)
 n_windows = 3000           # multi-image warm-up records (warmup_windows.jsonl; 0 = none)
+n_restate = 3000           # query-reading warm-up records (warmup_queries.jsonl; 0 = none)
 use_tools = True           # False: the no-tools ablation's data (no tools in the prompt, no tool calls)
 n_train_queries = 0        # train queries to use, one trajectory each (0 = all, both tasks)
 seed = 1337
@@ -147,10 +148,10 @@ def window_records(images):
             size = PROMPT
         else:
             cands = [{**target, "mark": m} for m in rng.permutation(prepare.MARKS)]
-            question = (f"Query: {prepare.MARK_NAMES[target['mark']]}.\nHere are the selected images (Numbered 1 to 4):"
-                        + "<image>" * 4 + "\nRead each tag.")
-            answer = " ".join(f"({k}) {prepare.MARK_NAMES[c['mark']]}, {'yes' if c['mark'] == target['mark'] else 'no'}."
-                              for k, c in enumerate(cands, 1))
+            question = (f"Query: {prepare.MARK_NAMES[target['mark']]}.\nHere are the selected images for detailed "
+                        f"analysis. (Image Size: 112x112, Numbered 1 to 4):" + "<image>" * 4)
+            marks = [c["mark"] for c in cands]
+            answer = tag_turn(list(range(1, 5)), marks, marks.index(target["mark"]) + 1, window=5)
             size = prepare.IMAGE_SIZE
         paths = []
         for k, c in enumerate(cands):
@@ -160,6 +161,50 @@ def window_records(images):
         records.append({"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}],
                         "images": paths, "image_sizes": [[size, size]] * len(paths), "kind": "window"})
     return records
+
+
+def restate_records(images):
+    """n_restate query-reading records: a fresh toy query (either task's templates, CIR with its reference
+    image at the prompt view) and the teacher's restatement of its target, as the trajectories open. A
+    pretrained LM copies a word from its prompt for free; a from-scratch one learns it only from many
+    examples, and one restated tag word per trajectory was too few (measured: the tag word copied at chance)."""
+    rng = np.random.default_rng(seed + 3)
+    instructions = common.read_json(common.resolve_path("instructions.json", data_root))
+    records = []
+    for i in range(n_restate):
+        p = random_attributes(rng)
+        mark = prepare.MARK_NAMES[p["mark"]]
+        if i % 2 == 0:  # text -> image
+            tpl = prepare.T2I_TEMPLATES[int(rng.integers(len(prepare.T2I_TEMPLATES)))]
+            text, ref, paths, dataset = tpl.format(**{**p, "mark": mark}), None, [], "1"
+        else:  # composed: a reference that differs in colour or background
+            changed = ["colour", "background"][int(rng.integers(2))]
+            values = list(prepare.COLOURS) if changed == "colour" else list(prepare.BACKGROUNDS)
+            r = {**p, changed: str(rng.choice([v for v in values if v != p[changed]])), "mark": str(rng.choice(prepare.MARKS))}
+            tpls = prepare.CIR_TEMPLATES[changed]
+            text = tpls[int(rng.integers(len(tpls)))].format(colour=p["colour"], background=p["background"], mark=mark)
+            img = common.qwen_resize(prepare.render(r["colour"], r["background"], r["corner"], r["mark"], rng),
+                                     PROMPT ** 2, PROMPT ** 2)
+            ref, paths, dataset = {"attributes": r}, [images.save(img, f"restate_{i}")], "2"
+        options = instructions[dataset]
+        question = "Query:" + ("<image>" if ref else "") + f"{options[int(rng.integers(len(options)))]} {text}" \
+            + "\nRestate the query."
+        answer = f"{target_sentence(None, {'attributes': p}, ref)} The match looks like {looks(p)}."
+        records.append({"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}],
+                        "images": paths, "image_sizes": [[PROMPT, PROMPT]] * len(paths), "kind": "restate",
+                        "attributes": p, "reference": ref and ref["attributes"]})
+    return records
+
+
+def tag_turn(selected, marks, k_pos, window):
+    """The turn after select_images: each selected candidate's tag read next to the wanted one, so that the
+    yes/no verdict compares two phrases a few tokens apart (a tiny LM did not learn to compare a read tag with
+    the restatement 100+ tokens back: its verdicts stayed at the majority "no"), then the ranking."""
+    wanted = prepare.MARK_NAMES[marks[selected.index(k_pos)]]
+    reads = [f"({i}) candidate {k}: {prepare.MARK_NAMES[m]}, wanted {wanted}: {'yes' if k == k_pos else 'no'}."
+             for i, (k, m) in enumerate(zip(selected, marks), 1)]
+    answer = [k_pos] + [k for k in selected if k != k_pos] + [k for k in range(1, window + 1) if k not in selected]
+    return f"<think>{' '.join(reads)} So candidate {k_pos} is the match.</think>\n<answer>{answer}</answer>"
 
 
 def family_of(a):
@@ -218,10 +263,7 @@ def trajectory(q, pos, window_cands, use_tool, images, instruction, ref):
     for k, im in zip(fam, result.images):
         paths.append(images.save(im, f"select_{stem(window_cands[k - 1]['img_path'])}_{im.width}x{im.height}"))
         sizes.append([im.width, im.height])
-    reads = [f"({i}) candidate {k}: {prepare.MARK_NAMES[window_cands[k - 1]['attributes']['mark']]}, "
-             f"{'yes' if k == k_pos else 'no'}." for i, k in enumerate(fam, 1)]
-    answer = [k_pos] + [k for k in fam if k != k_pos] + rest
-    turn3 = f"<think>{' '.join(reads)} So candidate {k_pos} is the match.</think>\n<answer>{answer}</answer>"
+    turn3 = tag_turn(fam, [window_cands[k - 1]["attributes"]["mark"] for k in fam], k_pos, len(window_cands))
     turns += [{"from": "gpt", "value": turn1}, obs, {"from": "gpt", "value": turn3}]
     return turns, paths, sizes
 
@@ -255,7 +297,7 @@ def main():
     if 0 < n_train_queries < len(queries):
         queries = [queries[i] for i in sorted(rng.sample(range(len(queries)), n_train_queries))]
     images = Images()
-    warmup, windows = warmup_records(images), window_records(images)
+    warmup, windows, restate = warmup_records(images), window_records(images), restate_records(images)
 
     no_tool = set(rng.sample(range(len(queries)), round(no_tool_fraction * len(queries))))
     records, n_filtered = [], 0
@@ -289,6 +331,8 @@ def main():
         common.write_jsonl(os.path.join(out_dir, "warmup.jsonl"), warmup)
     if windows:
         common.write_jsonl(os.path.join(out_dir, "warmup_windows.jsonl"), windows)
+    if restate:
+        common.write_jsonl(os.path.join(out_dir, "warmup_queries.jsonl"), restate)
     common.write_jsonl(os.path.join(out_dir, "cold_start.jsonl"), records)
     counts = {"written": len(records), "filtered": n_filtered, "warmup": len(warmup),
               "tool": sum(r["kind"] == "tool" for r in records),

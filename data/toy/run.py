@@ -116,14 +116,24 @@ ROWS = [("stage-0 (embedder)", "stage0", None), ("warm-up base, zero-shot", "bas
         ("no tools: SFT", "sft_notool", "sft_notool"), ("no tools: SFT + GRPO", "grpo_notool", "grpo_notool")]
 
 
-def trajectory_stats(path):
-    """Answer-format validity, tool-call rate and mean generated tokens over a rerank's trajectories."""
+def trajectory_stats(path, tools_on):
+    """Answer-format validity, tool-call rate, mean generated tokens and mean GRPO reward (paper variant, the
+    reward that stage's GRPO would give) over a rerank's trajectories."""
+    import grpo
     import rollout
     trajs = common.read_jsonl(path)
+    positives = {}
+    for name in TEST[0].split(","):
+        positives.update({q["qid"]: q["pos_cand_list"] for q in common.read_jsonl(f"{data}/{name}")})
+    rewards = []
+    for t in trajs:
+        hits = [k for k, did in enumerate(t["window"], 1) if did in positives[t["qid"]]]
+        rewards += grpo.group_rewards([t["final_text"]], [t["n_valid_calls"]], hits[0] if hits else None, "paper", tools_on)
     n = max(1, len(trajs))
     return {"format_valid": 100 * sum(rollout.is_well_formed(t["final_text"]) for t in trajs) / n,
             "tool_call_rate": 100 * sum(t["n_valid_calls"] > 0 for t in trajs) / n,
-            "mean_generated_tokens": sum(t["n_generated"] for t in trajs) / n}
+            "mean_generated_tokens": sum(t["n_generated"] for t in trajs) / n,
+            "mean_reward": sum(rewards) / n}
 
 
 def results(times):
@@ -133,19 +143,19 @@ def results(times):
         m = common.read_json(f"{metric_dir}/metrics.json")["average"]
         row = {"stage": label, "R@1": m["R@1"], "R@5": m["R@5"], "MRR": m["MRR"]}
         if tag == "stage0":
-            row.update(format_valid=None, tool_call_rate=None, mean_generated_tokens=None,
+            row.update(format_valid=None, tool_call_rate=None, mean_generated_tokens=None, mean_reward=None,
                        train_seconds=round(times.get("embed", 0)))
         else:
-            row.update(trajectory_stats(f"{metric_dir}/trajectories.jsonl"))
+            row.update(trajectory_stats(f"{metric_dir}/trajectories.jsonl", "notool" not in tag))
             train = times.get(trained_by, 0) + (times.get("vision", 0) if trained_by == "warmup" else 0)
             row["train_seconds"] = round(train)
             row["rerank_seconds"] = round(times.get(f"{tag}_rerank", 0))
         rows.append(row)
     fmt = lambda v, p=1: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
-    lines = ["| stage | R@1 | R@5 | MRR | format valid % | tool-call rate % | mean generated tokens | train s | rerank s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| stage | R@1 | R@5 | MRR | mean reward | format valid % | tool-call rate % | mean generated tokens | train s | rerank s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['stage']} | {fmt(r['R@1'])} | {fmt(r['R@5'])} | {fmt(r['MRR'])} | {fmt(r['format_valid'])} | "
+        lines.append(f"| {r['stage']} | {fmt(r['R@1'])} | {fmt(r['R@5'])} | {fmt(r['MRR'])} | {fmt(r['mean_reward'], 3)} | {fmt(r['format_valid'])} | "
                      f"{fmt(r['tool_call_rate'])} | {fmt(r['mean_generated_tokens'], 0)} | {r['train_seconds']} | "
                      f"{r.get('rerank_seconds', '-')} |")
     total = sum(times.values())
