@@ -45,14 +45,14 @@ def settings(quick):
     return {
         "prepare": [f"--n_train={pick(1536, 24)}", f"--n_test={pick(100, 6)}"],
         "embed": [f"--embed_train_steps={pick(600, 4)}", f"--embed_batch_size={pick(64, 16)}"],
-        "cold_start": [f"--n_warmup={pick(6000, 48)}", f"--n_windows={pick(3000, 8)}"],
+        "cold_start": [f"--n_warmup={pick(6000, 48)}", f"--n_windows={pick(3000, 8)}", f"--n_restate={pick(3000, 8)}"],
         "vision": [f"--vision_steps={pick(2000, 4)}"],
         "warmup": [f"--epochs={pick(3, 1)}", "--batch_size=32", "--learning_rate=1e-3"],
         "sft": [f"--epochs={pick(1, 0.2)}", "--batch_size=8", "--learning_rate=1e-3", "--log_every=50"],
         "rsft": [f"--n_queries={pick(256, 4)}", "--n_samples=4", "--batch_queries=8", "--epochs=1", "--batch_size=8",
                  "--learning_rate=3e-4", f"--max_new_tokens={pick(256, 48)}"],
         "grpo": [f"--max_steps={pick(20, 2)}", f"--prompts_per_step={pick(8, 2)}", f"--group_size={pick(8, 2)}",
-                 "--learning_rate=5e-5", "--warmup_steps=2", f"--max_new_tokens={pick(256, 48)}", "--micro_batch_size=8"],
+                 "--learning_rate=1e-4", "--warmup_steps=2", "--temperature=0.7", f"--max_new_tokens={pick(256, 48)}", "--micro_batch_size=8"],
         "rerank": ["--top_n=5", "--window=5", "--stride=5", "--batch_queries=20", f"--max_new_tokens={pick(256, 48)}"],
     }
 
@@ -78,9 +78,9 @@ def stages(quick):
         ("cold_start", py + ["data/toy/cold_start.py"] + common_args + [f"--out_dir={d}/sft"] + s["cold_start"],
          f"{d}/sft/cold_start.jsonl"),
         ("cold_start_notool", py + ["data/toy/cold_start.py"] + common_args + [f"--out_dir={d}/sft_notool", "--use_tools=False",
-                                                                              "--n_warmup=0", "--n_windows=0"], f"{d}/sft_notool/cold_start.jsonl"),
+                                                                              "--n_warmup=0", "--n_windows=0", "--n_restate=0"], f"{d}/sft_notool/cold_start.jsonl"),
         ("vision", py + ["data/toy/vision_pretrain.py"] + common_args + [f"--out_dir={o}/vision"] + s["vision"], f"{o}/vision/config.json"),
-        ("warmup", py + ["sft.py"] + common_args + [f"--init_from={o}/vision", "--sft_data=sft/warmup.jsonl,sft/warmup_windows.jsonl", f"--out_dir={o}/base",
+        ("warmup", py + ["sft.py"] + common_args + [f"--init_from={o}/vision", "--sft_data=sft/warmup.jsonl,sft/warmup_windows.jsonl,sft/warmup_queries.jsonl", f"--out_dir={o}/base",
                                                     "--freeze_vision=True"] + s["warmup"], f"{o}/base/model/trainer_state.pt"),
         ("sft", py + ["sft.py"] + common_args + [f"--init_from={o}/base/model", "--sft_data=sft/cold_start.jsonl",
                                                  f"--out_dir={o}/sft"] + s["sft"], f"{o}/sft/model/trainer_state.pt"),
