@@ -162,10 +162,13 @@ def aggregate(loss, mask, how, n_tokens, n_seqs, max_len):
     raise ValueError(f"loss_agg={how!r}: expected token-mean, seq-mean or dr-grpo")
 
 
-def sampled_logprobs(model, batch, device):
-    """(B, L-1) log-prob of each next token under model (one forward over the full sequences)."""
+def sampled_logprobs(model, batch, device, temperature=1.0):
+    """(B, L-1) log-prob of each next token under model (one forward over the full sequences), at the
+    sampling temperature: the distribution the rollout drew from, so the ratio and gradient are on-policy."""
     inputs = common.model_inputs(batch, device)
     logits = model(**inputs, use_cache=False).logits[:, :-1].float()  # (B, L-1, V)
+    if temperature > 0:
+        logits = logits / temperature
     targets = batch["input_ids"][:, 1:].to(device)
     return torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
 
@@ -182,13 +185,13 @@ def policy_update(model, optimizer, params, batches, advantages, n_seqs, world_s
     if ppo_epochs > 1 or reference is not None:  # recorded before the first update
         with torch.no_grad():
             for i, b in enumerate(batches):
-                logp_old[i] = sampled_logprobs(model, b, device) if ppo_epochs > 1 else None
-                logp_ref[i] = sampled_logprobs(reference, b, device) if reference is not None else None
+                logp_old[i] = sampled_logprobs(model, b, device, temperature) if ppo_epochs > 1 else None
+                logp_ref[i] = sampled_logprobs(reference, b, device, temperature) if reference is not None else None
     sums = torch.zeros(4, device=device)
     for epoch in range(ppo_epochs):
         sums.zero_()
         for i, (b, adv) in enumerate(zip(batches, adv_chunks)):
-            logp = sampled_logprobs(model, b, device)  # (B, L-1)
+            logp = sampled_logprobs(model, b, device, temperature)  # (B, L-1)
             old = logp.detach() if logp_old[i] is None else logp_old[i]
             mask = b["loss_mask"][:, 1:].to(device)  # 1 = a token the policy sampled
             loss_tok, kl, clipped = token_losses(logp, old, adv.to(device), clip_eps_low, clip_eps_high,

@@ -145,6 +145,29 @@ def test_one_step_with_two_ranks_equals_one_rank(toy_data, tmp_path):
     assert results[0]["sums"][2] > 0  # the second epoch clipped some tokens: the ratio was live
 
 
+def test_training_logprobs_are_the_samplers_distribution(tokenizer, toy_data):
+    """The trainer's log-prob of a sampled token is the probability the rollout's sampler drew it with, at
+    the sampling temperature: checked against the sampler's own frequencies."""
+    import rollout
+    engine, prompt = setup("qwen2_5_vl", tokenizer, toy_data, use_tools=False)
+    model = engine.model
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10)  # a peaked next-token distribution, so temperature matters
+        traj = engine.generate([prompt], n_samples=1, temperature=0.5, max_new_tokens=4, seed=0)[0]
+        batch = grpo.sft.collate([{"input_ids": traj["input_ids"], "loss_mask": traj["loss_mask"], "images": traj["images"]}],
+                                 engine.processor, model.config.image_token_id, tokenizer.pad_token_id)
+        t = traj["loss_mask"].index(1)  # the first generated token, predicted from position t - 1
+        token = traj["input_ids"][t]
+        row = model(**common.model_inputs(batch, "cpu"), use_cache=False).logits[0, t - 1].float()  # (V,)
+        draws = rollout.sample(row.expand(20000, -1), 0.5, 1.0, torch.Generator().manual_seed(0))  # (20000,)
+        freq = (draws == token).float().mean().item()
+        p_trained = grpo.sampled_logprobs(model, batch, "cpu", temperature=0.5)[0, t - 1].exp().item()
+        p_untempered = grpo.sampled_logprobs(model, batch, "cpu", temperature=1.0)[0, t - 1].exp().item()
+    assert 0.05 < freq < 0.95
+    assert abs(p_trained - freq) < 0.02
+    assert abs(p_untempered - freq) > 0.05  # the check can fail: temperature 1 is another distribution
+
+
 # ---- learning -----------------------------------------------------------------------------------------
 def test_micro_run_raises_an_easy_synthetic_reward(tokenizer, toy_data):
     """Reward = share of generated tokens with an even id (about 0.5 for a random policy)."""
