@@ -43,6 +43,7 @@ ranked_in = "out/toy/ranked_train.jsonl"  # stage-0 ranking of the training quer
 policy = "out/toy/rsft/model"  # start from this checkpoint (local Hugging Face directory)
 out_dir = "out/toy/grpo"   # model/ (HF format + trainer state) goes here
 window = 5                 # candidates per prompt: the top of the stage-0 list
+shuffle_window = True      # show them in a random order: stage 0 was trained on these queries, so its order would be a shortcut
 reward = "paper"           # paper | release (REFERENCE §4)
 use_tools = True           # False: the text-only ablation (no tools in the prompt, rollout or reward)
 max_steps = 100
@@ -162,6 +163,11 @@ def aggregate(loss, mask, how, n_tokens, n_seqs, max_len):
     raise ValueError(f"loss_agg={how!r}: expected token-mean, seq-mean or dr-grpo")
 
 
+def window_order(dids, key):
+    """A prompt's candidates in a random order fixed by key (seed, step, prompt index): a resumed run sees the same."""
+    return [dids[i] for i in np.random.default_rng(key).permutation(len(dids))]
+
+
 def sampled_logprobs(model, batch, device, temperature=1.0):
     """(B, L-1) log-prob of each next token under model (one forward over the full sequences), at the
     sampling temperature: the distribution the rollout drew from, so the ratio and gradient are on-policy."""
@@ -271,8 +277,9 @@ def main():
         picked = [ranked[order[(step * prompts_per_step + j) % len(ranked)]] for j in range(prompts_per_step)]
         mine = picked[rank * per_rank:(rank + 1) * per_rank]
         prompts, positives = [], []
-        for r in mine:
-            q, cands = queries[r["qid"]], [pool[d] for d in r["cands"][:window]]
+        for j, r in enumerate(mine):
+            dids = window_order(r["cands"][:window], (seed, step, rank * per_rank + j)) if shuffle_window else r["cands"][:window]
+            q, cands = queries[r["qid"]], [pool[d] for d in dids]
             prompts.append(rollout.window_prompt(q, cands, instructions, load, use_tools, prompt_min_pixels,
                                                  prompt_max_pixels, engine.factor))
             hits = [i + 1 for i, c in enumerate(cands) if c["did"] in q.get("pos_cand_list", [])]
