@@ -163,15 +163,10 @@ def aggregate(loss, mask, how, n_tokens, n_seqs, max_len):
     raise ValueError(f"loss_agg={how!r}: expected token-mean, seq-mean or dr-grpo")
 
 
-def window_order(dids, key):
-    """A prompt's candidates in a random order fixed by key (seed, step, prompt index): a resumed run sees the same."""
-    return [dids[i] for i in np.random.default_rng(key).permutation(len(dids))]
-
-
 def sampled_logprobs(model, batch, device, temperature=1.0):
     """(B, L-1) log-prob of each next token under model (one forward over the full sequences), at the
     sampling temperature: the distribution the rollout drew from, so the ratio and gradient are on-policy."""
-    inputs = common.model_inputs(batch, device)
+    inputs = common.model_inputs(batch, device, right_padded=True)
     logits = model(**inputs, use_cache=False).logits[:, :-1].float()  # (B, L-1, V)
     if temperature > 0:
         logits = logits / temperature
@@ -278,7 +273,7 @@ def main():
         mine = picked[rank * per_rank:(rank + 1) * per_rank]
         prompts, positives = [], []
         for j, r in enumerate(mine):
-            dids = window_order(r["cands"][:window], (seed, step, rank * per_rank + j)) if shuffle_window else r["cands"][:window]
+            dids = rollout.window_order(r["cands"][:window], (seed, step, rank * per_rank + j)) if shuffle_window else r["cands"][:window]
             q, cands = queries[r["qid"]], [pool[d] for d in dids]
             prompts.append(rollout.window_prompt(q, cands, instructions, load, use_tools, prompt_min_pixels,
                                                  prompt_max_pixels, engine.factor))

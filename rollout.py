@@ -39,6 +39,7 @@ import contextlib
 import math
 import os
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -428,6 +429,13 @@ def load_benchmark(root, query_files, pool_files, instructions_file):
     pool = {c["did"]: c for f in files[1] for c in common.read_jsonl(common.resolve_path(f, root), required=("did",))}
     instructions = common.read_json(common.resolve_path(instructions_file, root)) if instructions_file else {}
     return queries, pool, instructions
+
+
+def window_order(dids, key):
+    """A window's candidates in a random order fixed by key (e.g. seed, step, prompt index): a resumed run sees
+    the same. Training prompts use it: stage 0 was trained on the training queries, so its order there would
+    be a shortcut (the positive sits first more often than on test queries)."""
+    return [dids[i] for i in np.random.default_rng(key).permutation(len(dids))]
 
 
 def window_prompt(q, cands, instructions, load, use_tools, min_pixels, max_pixels, factor):

@@ -8,7 +8,9 @@ observation images as files, then fine-tune on them with sft.py's train(): one t
     torchrun --nproc_per_node=8 rsft.py --policy=/ckpt/sft --ranked_in=out/mbeir/ranked_train.jsonl --dtype=bfloat16 ...
 
 The prompt for a query is the top `window` of its stage-0 ranked list (retrieve.py on the training
-split). Sampling is resumable (qids already in {out_dir}/rsft_data.jsonl are skipped) and so is training.
+split), shown in a random order fixed per query (shuffle_window): stage 0 was trained on these queries, so
+on them its order puts the positive first more often than on test queries, and keeping only trajectories
+that rank the positive first would teach the policy to trust that order. Sampling is resumable (qids already in {out_dir}/rsft_data.jsonl are skipped) and so is training.
 """
 
 import math
@@ -33,6 +35,7 @@ out_dir = "out/toy/rsft"   # rsft_data.jsonl, images/ and model/
 n_queries = 0              # training queries to sample (0 = all)
 n_samples = 8              # trajectories per query
 window = 5                 # candidates in the prompt: the top of the stage-0 list
+shuffle_window = True      # ... in a random order: stage 0's order on its own training queries is a shortcut
 require_tool = False       # also require at least one valid tool call
 keep_per_query = 1         # accepted trajectories kept per query (the first ones)
 temperature = 1.0
@@ -107,6 +110,7 @@ def main():
         box = [done]
         dist.broadcast_object_list(box, src=0)
         done = box[0]
+    position = {r["qid"]: i for i, r in enumerate(ranked)}  # a query's window order is keyed by it (resume)
     todo = [r for r in ranked if r["qid"] not in done]
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     model = common.load_model(policy, dtype=torch_dtype, device=device).eval()
@@ -120,7 +124,8 @@ def main():
     for b in range(n_batches):
         batch, prompts, positives = mine[b * batch_queries:(b + 1) * batch_queries], [], []
         for r in batch:
-            q, cands = queries[r["qid"]], [pool[d] for d in r["cands"][:window]]
+            dids = rollout.window_order(r["cands"][:window], (seed, position[r["qid"]])) if shuffle_window else r["cands"][:window]
+            q, cands = queries[r["qid"]], [pool[d] for d in dids]
             load = lambda p: common.load_image(common.resolve_path(p, data_root))
             prompts.append(rollout.window_prompt(q, cands, instructions, load, use_tools, prompt_min_pixels,
                                                  prompt_max_pixels, engine.factor))

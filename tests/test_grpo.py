@@ -145,15 +145,6 @@ def test_one_step_with_two_ranks_equals_one_rank(toy_data, tmp_path):
     assert results[0]["sums"][2] > 0  # the second epoch clipped some tokens: the ratio was live
 
 
-def test_window_order_is_a_fixed_permutation():
-    dids = ["a", "b", "c", "d", "e"]
-    orders = [grpo.window_order(dids, (1337, step, 0)) for step in range(20)]
-    assert all(sorted(o) == dids for o in orders)
-    assert grpo.window_order(dids, (1337, 3, 0)) == orders[3]  # the same key, the same order (resume)
-    assert len({tuple(o) for o in orders}) > 10
-    assert 2 <= sum(o[0] == "a" for o in orders) <= 8  # the stage-0 top is first about 1 time in 5
-
-
 def test_training_logprobs_are_the_samplers_distribution(tokenizer, toy_data):
     """The trainer's log-prob of a sampled token is the probability the rollout's sampler drew it with, at
     the sampling temperature: checked against the sampler's own frequencies."""

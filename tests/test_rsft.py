@@ -55,7 +55,7 @@ def test_rsft_keeps_only_well_formed_trajectories_that_rank_the_positive_first(r
             "--query_files=query/train/mbeir_toyt2i_task0_train.jsonl",
             "--pool_files=cand_pool/train/mbeir_toyt2i_task0_train_cand_pool.jsonl",
             "--n_samples=4", "--keep_per_query=4", "--max_new_tokens=80"] + TINY
-    run_stage("rsft", args + [f"--out_dir={root}/any"])
+    run_stage("rsft", args + [f"--out_dir={root}/any", "--shuffle_window=False"])
     records = common.read_jsonl(f"{root}/any/rsft_data.jsonl")
     assert len(records) == 2 * len(ranked)  # the two right ones per query
     finals = sorted({r["conversations"][-1]["value"] for r in records})
@@ -69,9 +69,20 @@ def test_rsft_keeps_only_well_formed_trajectories_that_rank_the_positive_first(r
     assert common.load_model(f"{root}/any/model") is not None  # then it fine-tuned through sft.train
     # require_tool: only the tool-using trajectory survives; out_dir relative to the working directory this time
     monkeypatch.chdir(root)
-    run_stage("rsft", args + ["--out_dir=tool", "--require_tool=True"])
+    run_stage("rsft", args + ["--out_dir=tool", "--require_tool=True", "--shuffle_window=False"])
     records = common.read_jsonl(f"{root}/tool/rsft_data.jsonl")
     assert len(records) == len(ranked) and all(len(r["conversations"]) == 5 for r in records)
+    # shuffle_window (the default): each query shows its window in its own fixed random order, so the
+    # forced answers (positive at 2) are right only where the shuffle put the positive second
+    run_stage("rsft", args + ["--out_dir=shuffled", "--seed=9"])
+    pool = {c["did"]: c for c in common.read_jsonl(f"{toy_data}/cand_pool/train/mbeir_toyt2i_task0_train_cand_pool.jsonl")}
+    orders = {r["qid"]: rollout.window_order(r["cands"], (9, i)) for i, r in enumerate(ranked)}
+    positives = {q["qid"]: q["pos_cand_list"][0] for q in common.read_jsonl(f"{toy_data}/query/train/mbeir_toyt2i_task0_train.jsonl")}
+    second = [qid for qid, order in orders.items() if order[1] == positives[qid]]
+    assert 0 < len(second) < len(ranked)  # this seed puts some positives second and not others
+    records = common.read_jsonl(f"{root}/shuffled/rsft_data.jsonl")
+    assert sorted(r["qid"] for r in records) == sorted(second * 2)
+    assert all(r["images"][:5] == [pool[d]["img_path"] for d in orders[r["qid"]]] for r in records)
 
 
 def test_rsft_records_train_with_the_sft_renderer(rsft_setup, toy_data, tokenizer):

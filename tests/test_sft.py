@@ -79,6 +79,25 @@ def sft_data(toy_data, tmp_path_factory):
     return str(out / "data.jsonl")
 
 
+def test_right_padded_loss_equals_each_record_alone(toy_data, tokenizer, tmp_path):
+    """The trainers drop the padding mask of right-padded batches: each row's summed loss must equal the
+    loss of that record run alone (no padding at all), records of different lengths, images and a crop."""
+    import sft
+    sft.data_root = toy_data
+    processor = common.make_processor(tokenizer, 14, 784, 12544)
+    model = common.build_tiny_model("qwen2_5_vl", tokenizer, seed=0).eval()
+    records = [make_record(toy_data, tmp_path / "a", cands=(0, 1, 2, 3, 4)),
+               make_record(toy_data, tmp_path / "b", cands=(5, 6), answer="[1, 2]")]
+    examples = [sft.render(r, processor) for r in records]
+    assert len(examples[0]["input_ids"]) > len(examples[1]["input_ids"]) + 10  # the second row is padded
+    args = (processor, model.config.image_token_id, processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        together, n_together = sft.token_loss_sum(model, sft.collate(examples, *args), "cpu")
+        alone = [sft.token_loss_sum(model, sft.collate([ex], *args), "cpu") for ex in examples]
+    assert int(n_together) == sum(int(n) for _, n in alone) == sum(sum(ex["loss_mask"][1:]) for ex in examples)
+    assert torch.allclose(together, sum(loss for loss, _ in alone), rtol=1e-5)
+
+
 def test_tiny_sft_overfits_a_handful_of_records(toy_data, sft_data, tmp_path):
     args = [f"--data_root={toy_data}", f"--sft_data={sft_data}", f"--tokenizer_dir={toy_data}/tokenizer",
             f"--out_dir={tmp_path}", "--epochs=40", "--batch_size=2", "--learning_rate=3e-3", "--warmup_frac=0.05",
