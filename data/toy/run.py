@@ -52,7 +52,7 @@ def settings(quick):
         "rsft": [f"--n_queries={pick(256, 4)}", "--n_samples=4", "--batch_queries=8", "--epochs=1", "--batch_size=8",
                  "--learning_rate=3e-4", f"--max_new_tokens={pick(256, 48)}"],
         "grpo": [f"--max_steps={pick(20, 2)}", f"--prompts_per_step={pick(8, 2)}", f"--group_size={pick(8, 2)}",
-                 "--learning_rate=1e-4", "--warmup_steps=2", "--temperature=0.7", f"--max_new_tokens={pick(256, 48)}", "--micro_batch_size=8"],
+                 "--learning_rate=2e-5", "--warmup_steps=2", "--temperature=0.7", f"--max_new_tokens={pick(256, 48)}", "--micro_batch_size=8"],
         "rerank": ["--top_n=5", "--window=5", "--stride=5", "--batch_queries=20", f"--max_new_tokens={pick(256, 48)}"],
     }
 
