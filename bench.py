@@ -18,7 +18,7 @@ import rollout
 from configurator import configure
 
 # -----------------------------------------------------------------------------
-only = ""          # '' = all, else one of decode, prefill, train, faiss
+only = ""          # '' = all, else one of decode, prefill, faiss
 repeats = 3        # best-of-N timing per side
 arch = "qwen2_5_vl"
 tokenizer_dir = "data/toy/tokenizer"  # run data/toy/prepare.py first
@@ -28,8 +28,6 @@ batch = 8          # (decode) rows generated side by side
 new_tokens = 128   # (decode) tokens per row
 group = 8          # (prefill) samples sharing one prompt
 n_candidates = 20  # (prefill) candidate images in the prompt
-train_rows = 8     # (train) records per micro-batch ...
-train_length = 960  # ... the longest one's tokens (the others 0-64 shorter: right padding)
 faiss_n = 100_000  # (faiss) pool size ...
 faiss_dim = 512    # ... dimension ...
 faiss_queries = 1000  # ... queries ...
@@ -98,34 +96,8 @@ def bench_prefill():
           f"independent {t_indep * 1000:.0f} ms, ratio: {t_indep / t_shared:.2f}")
 
 
-def bench_train():
-    """(c) a trainer's forward + backward on a right-padded micro-batch: padding mask dropped (what sft.py and
-    grpo.py do: common.model_inputs(right_padded=True)) vs kept; the loss over real tokens is the same."""
-    engine = toy_engine()
-    model = engine.model.train()
-    rng = np.random.default_rng(seed)
-    lengths = [train_length - int(rng.integers(0, 65)) for _ in range(train_rows)]
-    input_ids = torch.full((train_rows, train_length), engine.processor.tokenizer.pad_token_id)
-    attention_mask = torch.zeros(train_rows, train_length, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        input_ids[b, :n] = torch.from_numpy(rng.integers(0, 500, n))
-        attention_mask[b, :n] = 1
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-
-    def step(right_padded):
-        logits = model(**common.model_inputs(batch, "cpu", right_padded=right_padded), use_cache=False).logits
-        loss = logits[attention_mask.bool()].float().logsumexp(-1).mean()  # any loss over the real tokens
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-        return loss.item()
-    t_dropped, loss_dropped = best_time(lambda: step(True))
-    t_kept, loss_kept = best_time(lambda: step(False))
-    print(f"train step {train_rows} x <={train_length} tokens: padding mask dropped {t_dropped * 1000:.0f} ms, kept "
-          f"{t_kept * 1000:.0f} ms, loss difference {abs(loss_dropped - loss_kept):.1e}, ratio: {t_kept / t_dropped:.2f}")
-
-
 def bench_faiss():
-    """(d) exact inner-product top-k: faiss IndexFlatIP vs numpy matmul + argpartition."""
+    """(c) exact inner-product top-k: faiss IndexFlatIP vs numpy matmul + argpartition."""
     import retrieve
     rng = np.random.default_rng(seed)
     pool = rng.standard_normal((faiss_n, faiss_dim), dtype=np.float32)
@@ -146,7 +118,6 @@ def bench_faiss():
 if __name__ == "__main__":
     configure(globals())
     torch.manual_seed(seed)
-    for name, fn in [("decode", bench_decode), ("prefill", bench_prefill), ("train", bench_train),
-                     ("faiss", bench_faiss)]:
+    for name, fn in [("decode", bench_decode), ("prefill", bench_prefill), ("faiss", bench_faiss)]:
         if only in ("", name):
             fn()

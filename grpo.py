@@ -166,7 +166,7 @@ def aggregate(loss, mask, how, n_tokens, n_seqs, max_len):
 def sampled_logprobs(model, batch, device, temperature=1.0):
     """(B, L-1) log-prob of each next token under model (one forward over the full sequences), at the
     sampling temperature: the distribution the rollout drew from, so the ratio and gradient are on-policy."""
-    inputs = common.model_inputs(batch, device, right_padded=True)
+    inputs = common.model_inputs(batch, device)
     logits = model(**inputs, use_cache=False).logits[:, :-1].float()  # (B, L-1, V)
     if temperature > 0:
         logits = logits / temperature

@@ -168,7 +168,7 @@ def load_view(path, size):
 
 def token_loss_sum(model, batch, device):
     """Summed cross-entropy over loss-mask tokens, and their count. Targets where mask is 0 are ignored."""
-    inputs = common.model_inputs(batch, device, right_padded=True)
+    inputs = common.model_inputs(batch, device)
     logits = model(**inputs, use_cache=False).logits[:, :-1].float()  # (B, L-1, V) predicts tokens 1..L-1
     targets = batch["input_ids"][:, 1:].to(device).masked_fill(batch["loss_mask"][:, 1:].to(device) == 0, -100)
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum")

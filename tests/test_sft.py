@@ -80,8 +80,8 @@ def sft_data(toy_data, tmp_path_factory):
 
 
 def test_right_padded_loss_equals_each_record_alone(toy_data, tokenizer, tmp_path):
-    """The trainers drop the padding mask of right-padded batches: each row's summed loss must equal the
-    loss of that record run alone (no padding at all), records of different lengths, images and a crop."""
+    """Right padding changes nothing: each row's summed loss in a padded micro-batch equals the loss of that
+    record run alone (no padding at all); records of different lengths, images and a crop."""
     import sft
     sft.data_root = toy_data
     processor = common.make_processor(tokenizer, 14, 784, 12544)
