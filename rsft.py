@@ -10,7 +10,8 @@ observation images as files, then fine-tune on them with sft.py's train(): one t
 The prompt for a query is the top `window` of its stage-0 ranked list (retrieve.py on the training
 split), shown in a random order fixed per query (shuffle_window): stage 0 was trained on these queries, so
 on them its order puts the positive first more often than on test queries, and keeping only trajectories
-that rank the positive first would teach the policy to trust that order. Sampling is resumable (qids already in {out_dir}/rsft_data.jsonl are skipped) and so is training.
+that rank the positive first would teach the policy to trust that order. Sampling is resumable (qids
+already in {out_dir}/rsft_data.jsonl are skipped) and so is training.
 """
 
 import math
