@@ -13,7 +13,7 @@ from conftest import run_stage
 
 N_WARMUP = 60
 TAGS = [f"mbeir_{name}_task{task_id}_train" for _, name, task_id in prepare.DATASETS]
-MARK_OF_NAME = {v: k for k, v in prepare.MARK_NAMES.items()}
+MARK_OF_NAME = {v: k for k, v in prepare.TAG_WORDS.items()}
 
 
 def read_files(out):
@@ -80,8 +80,8 @@ def test_window_warmup_records(sft):
         if i % 2 == 0:  # the prompt view: at least one candidate matches the query's colour, background and corner
             assert gpt.count(": match.") >= 1 and gpt.count(": match.") + gpt.count(": no.") == 5
         else:  # a family's 4 tags: exactly one is the query's, and it is ranked first
-            wanted = human.split("Query: ")[1].split(".")[0]
-            assert wanted in prepare.MARK_NAMES.values()
+            wanted = human.split("Query: ")[1].split(" tag.")[0]
+            assert wanted in prepare.TAG_WORDS.values()
             assert gpt.count(f", wanted {wanted}: ") == 4 and gpt.count(": yes.") == 1 and gpt.count(": no.") == 3
             k_yes = int(re.search(r"candidate (\d): ([a-z ]+), wanted [a-z ]+: yes\.", gpt).group(1))
             assert re.search(rf"candidate {k_yes}: {wanted}, wanted", gpt)
@@ -95,8 +95,9 @@ def test_restate_records(sft):
         human, gpt = [t["value"] for t in r["conversations"]]
         a, ref = r["attributes"], r["reference"]
         assert human.startswith("Query:") and human.endswith("\nRestate the query.")
-        assert prepare.MARK_NAMES[a["mark"]] in human and f"with {prepare.MARK_NAMES[a['mark']]}" in gpt
-        assert gpt.endswith(f"The match looks like a {a['colour']} disc on {a['background']}, tag in the {a['corner']} corner.")
+        assert prepare.MARK_NAMES[a["mark"]] in human
+        assert gpt.startswith("Wanted: ") and gpt.endswith(f"{a['colour']} on {a['background']}, {a['corner']}, "
+                                                           f"{prepare.TAG_WORDS[a['mark']]} tag.")
         if i % 2 == 0:  # text -> image: every attribute is in the text
             assert ref is None and r["images"] == [] and all(a[k] in human for k in ("colour", "background", "corner"))
         else:  # composed: the reference differs in colour or background; the text names only the change
@@ -114,14 +115,14 @@ def test_warmup_describes_its_images(sft):
         human, gpt = [t["value"] for t in r["conversations"]]
         a = r["attributes"]
         assert [t["from"] for t in r["conversations"]] == ["human", "gpt"] and r["image_sizes"] == sizes[r["kind"]]
-        base = f"a {a['colour']} disc on {a['background']}, "
+        base = f"{a['colour']} on {a['background']}, {a['corner']}"
         if r["kind"] == "crop":
-            assert human == "<image>Describe the tag." and gpt == prepare.MARK_NAMES[a["mark"]]
+            assert human == "<image>Describe the tag." and gpt == f"{prepare.TAG_WORDS[a['mark']]} tag"
         elif r["kind"] == "prompt":
-            assert human == "<image>Describe the image." and gpt == base + f"tag in the {a['corner']} corner"
+            assert human == "<image>Describe the image." and gpt == base
         else:
             assert human == "<image>Describe the image and its tag."
-            assert gpt == base + f"{prepare.MARK_NAMES[a['mark']]} in the {a['corner']} corner"
+            assert gpt == base + f", {prepare.TAG_WORDS[a['mark']]} tag"
 
 def test_trajectories(sft, bench):
     queries, pools, instructions = bench
@@ -159,7 +160,7 @@ def test_trajectories(sft, bench):
         assert turns[3]["value"] == ("Here are the selected images for detailed analysis. (Image Size: 112x112, "
                                      "Numbered 1 to 4):" + "<image>" * 4)
         assert r["image_sizes"][-4:] == [[112, 112]] * 4 and len(r["images"]) == int(has_q) + 9
-        reads = re.findall(r"\((\d)\) candidate (\d): (a [a-z ]+ tag), wanted (a [a-z ]+ tag): (yes|no)\.", final)
+        reads = re.findall(r"\((\d)\) candidate (\d): ([a-z]+), wanted ([a-z]+): (yes|no)\.", final)
         assert [(int(i), int(k)) for i, k, _, _, _ in reads] == list(enumerate(family, 1))
         for _, k, name, wanted, verdict in reads:
             assert MARK_OF_NAME[name] == cands[int(k) - 1]["attributes"]["mark"] and MARK_OF_NAME[wanted] == a["mark"]
@@ -169,8 +170,10 @@ def test_trajectories(sft, bench):
             ref = by_path[q["query_img_path"]]["attributes"]
             changed = "colour" if ref["colour"] != a["colour"] else "background"
             assert ref["corner"] == a["corner"]
-            assert f"The target is the reference {'made' if changed == 'colour' else 'put on'} {a[changed]}" \
+            assert f"Wanted: the reference {'made' if changed == 'colour' else 'put on'} {a[changed]}, so " \
                 in turns[2]["value"]
+        # the wanted tag is restated right before the call
+        assert turns[2]["value"].split("</think>")[0].endswith(f"look closer for a {prepare.TAG_WORDS[a['mark']]} tag.")
 
 
 def test_n_train_queries(toy_data):
@@ -188,12 +191,12 @@ def test_n_train_queries(toy_data):
 def test_perception_scoring_on_hand_made_descriptions():
     import perception
     a = {"colour": "red", "background": "navy", "corner": "top-left", "mark": "checks"}
-    assert perception.correct("prompt", "a red disc on navy, tag in the top-left corner<|im_end|>", a)
-    assert not perception.correct("prompt", "a red disc on navy, tag in the top-right corner", a)
-    assert perception.correct("full", "a red disc on navy, a checkered tag in the top-left corner", a)
-    assert not perception.correct("full", "a red disc on slate, a checkered tag in the top-left corner", a)
-    assert perception.correct("crop", "a checkered tag", a)
-    assert not perception.correct("crop", "a vertically striped tag", a)
+    assert perception.correct("prompt", "red on navy, top-left<|im_end|>", a)
+    assert not perception.correct("prompt", "red on navy, top-right", a)
+    assert perception.correct("full", "red on navy, top-left, checkered tag", a)
+    assert not perception.correct("full", "red on slate, top-left, checkered tag", a)
+    assert perception.correct("crop", "checkered tag", a)
+    assert not perception.correct("crop", "vertical tag", a)
 
 
 def test_vision_pretrain_trains_the_tower_only_and_saves_a_policy(sft, tmp_path):

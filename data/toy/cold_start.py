@@ -58,12 +58,13 @@ def family(c):
 
 
 def looks(a):
-    """What the prompt view shows of an image: everything but the tag's texture."""
-    return f"a {a['colour']} disc on {a['background']}, tag in the {a['corner']} corner"
+    """What the prompt view shows of an image: everything but the tag's texture. Terse on purpose: every
+    token of the teacher's words is a token the policy generates in each rollout and trains on in each step."""
+    return f"{a['colour']} on {a['background']}, {a['corner']}"
 
 
-def shows(a):
-    return f"a {a['colour']} disc on {a['background']} with a tag in the {a['corner']} corner"
+def tag(mark):
+    return prepare.TAG_WORDS[mark]  # one token each, so a verdict compares two tokens
 
 
 class Images:
@@ -99,15 +100,13 @@ def warmup_records(images):
         a = {"colour": str(rng.choice(list(prepare.COLOURS))), "background": str(rng.choice(list(prepare.BACKGROUNDS))),
              "corner": str(rng.choice(prepare.CORNERS)), "mark": str(rng.choice(prepare.MARKS))}
         img = prepare.render(a["colour"], a["background"], a["corner"], a["mark"], rng)
-        base = f"a {a['colour']} disc on {a['background']}"
         if i % 3 == 0:  # stored at the prompt view's size, as the policy sees candidates
             img, turns, kind = common.qwen_resize(img, PROMPT ** 2, PROMPT ** 2), ("Describe the image.", looks(a)), "prompt"
         elif i % 3 == 1:
-            answer = f"{base}, {prepare.MARK_NAMES[a['mark']]} in the {a['corner']} corner"
-            turns, kind = ("Describe the image and its tag.", answer), "full"
+            turns, kind = ("Describe the image and its tag.", f"{looks(a)}, {tag(a['mark'])} tag"), "full"
         else:
             img = tools.crop_image(img, prepare.CROP_BOXES[a["corner"]])
-            turns, kind = ("Describe the tag.", prepare.MARK_NAMES[a["mark"]]), "crop"
+            turns, kind = ("Describe the tag.", f"{tag(a['mark'])} tag"), "crop"
         records.append({"conversations": [{"from": "human", "value": "<image>" + turns[0]},
                                           {"from": "gpt", "value": turns[1]}],
                         "images": [images.save(img, f"warmup_{i}")], "image_sizes": [list(img.size)],
@@ -148,7 +147,7 @@ def window_records(images):
             size = PROMPT
         else:
             cands = [{**target, "mark": m} for m in rng.permutation(prepare.MARKS)]
-            question = (f"Query: {prepare.MARK_NAMES[target['mark']]}.\nHere are the selected images for detailed "
+            question = (f"Query: {tag(target['mark'])} tag.\nHere are the selected images for detailed "
                         f"analysis. (Image Size: 112x112, Numbered 1 to 4):" + "<image>" * 4)
             marks = [c["mark"] for c in cands]
             answer = tag_turn(list(range(1, 5)), marks, marks.index(target["mark"]) + 1, window=5)
@@ -189,7 +188,7 @@ def restate_records(images):
         options = instructions[dataset]
         question = "Query:" + ("<image>" if ref else "") + f"{options[int(rng.integers(len(options)))]} {text}" \
             + "\nRestate the query."
-        answer = f"{target_sentence(None, {'attributes': p}, ref)} The match looks like {looks(p)}."
+        answer = target_sentence(None, {'attributes': p}, ref)
         records.append({"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}],
                         "images": paths, "image_sizes": [[PROMPT, PROMPT]] * len(paths), "kind": "restate",
                         "attributes": p, "reference": ref and ref["attributes"]})
@@ -200,8 +199,8 @@ def tag_turn(selected, marks, k_pos, window):
     """The turn after select_images: each selected candidate's tag read next to the wanted one, so that the
     yes/no verdict compares two phrases a few tokens apart (a tiny LM did not learn to compare a read tag with
     the restatement 100+ tokens back: its verdicts stayed at the majority "no"), then the ranking."""
-    wanted = prepare.MARK_NAMES[marks[selected.index(k_pos)]]
-    reads = [f"({i}) candidate {k}: {prepare.MARK_NAMES[m]}, wanted {wanted}: {'yes' if k == k_pos else 'no'}."
+    wanted = tag(marks[selected.index(k_pos)])
+    reads = [f"({i}) candidate {k}: {tag(m)}, wanted {wanted}: {'yes' if k == k_pos else 'no'}."
              for i, (k, m) in enumerate(zip(selected, marks), 1)]
     answer = [k_pos] + [k for k in selected if k != k_pos] + [k for k in range(1, window + 1) if k not in selected]
     return f"<think>{' '.join(reads)} So candidate {k_pos} is the match.</think>\n<answer>{answer}</answer>"
@@ -212,17 +211,13 @@ def family_of(a):
 
 
 def target_sentence(q, pos, ref):
-    """What the query asks for, in the teacher's words."""
+    """What the query asks for, in the teacher's words: the coarse part in the very words of the candidate
+    lines (each match/no verdict compares two equal-shaped phrases), then the tag."""
     p = pos["attributes"]
-    mark = prepare.MARK_NAMES[p["mark"]]
     if ref is None:
-        return f"The query asks for a {p['colour']} disc on {p['background']} with {mark} in the {p['corner']} corner."
-    r = ref["attributes"]
-    if r["colour"] != p["colour"]:
-        change, kept = f"made {p['colour']}", f"its {p['background']} background"
-    else:
-        change, kept = f"put on {p['background']}", f"its {p['colour']} disc"
-    return f"The target is the reference {change}, keeping {kept} and {p['corner']} corner, with {mark}."
+        return f"Wanted: {looks(p)}, {tag(p['mark'])} tag."
+    change = f"made {p['colour']}" if ref["attributes"]["colour"] != p["colour"] else f"put on {p['background']}"
+    return f"Wanted: the reference {change}, so {looks(p)}, {tag(p['mark'])} tag."
 
 
 def numbers(ks):
@@ -244,18 +239,18 @@ def trajectory(q, pos, window_cands, use_tool, images, instruction, ref):
     # one line per candidate in the warm-up's own words, then the verdict: a layout a tiny model learns fast
     seen = " ".join(f"({k}) {looks(c['attributes'])}: {'match' if k in fam else 'no'}."
                     for k, c in enumerate(window_cands, 1))
-    # the target restated in the very words of the candidate lines: each verdict compares two equal-shaped phrases
-    intro = f"{target_sentence(q, pos, ref)} The match looks like {looks(pos['attributes'])}. {seen}"
+    intro = f"{target_sentence(q, pos, ref)} {seen}"
     if len(fam) == 1:
         think = f"{intro} Only candidate {k_pos} matches."
     elif not use_tool:  # the no-tools ablation: the tags cannot be read, the teacher still ranks the positive first
-        think = f"{intro} Candidates {numbers(fam)} match; their tags are too small to tell apart at this resolution."
+        think = f"{intro} Candidates {numbers(fam)} match; their tags are too small to tell apart here."
     if len(fam) == 1 or not use_tool:
         answer = [k_pos] + [k for k in fam if k != k_pos] + rest
         turns.append({"from": "gpt", "value": f"<think>{think}</think>\n<answer>{answer}</answer>"})
         return turns, paths, sizes
     call = json.dumps({"name": "select_images", "arguments": {"target_images": fam}})
-    think = f"{intro} The tags of candidates {numbers(fam)} are too small to read at this resolution, so I look at them closer."
+    # the wanted tag said again right before the call: the next turn copies it from a few tokens back
+    think = f"{intro} The tags of {numbers(fam)} are too small here: look closer for a {tag(pos['attributes']['mark'])} tag."
     turn1 = f"<think>{think}</think>\n<tool_call>\n{call}\n</tool_call>"
     tool_images = [images.load(q_path) if q_path else None] + [images.load(c["img_path"]) for c in window_cands]
     result = tools.execute_tool_call(turn1, tool_images, TOOL_MIN, TOOL_MAX, FACTOR)

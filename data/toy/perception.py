@@ -35,11 +35,9 @@ QUESTIONS = {"prompt": "Describe the image.", "full": "Describe the image and it
 
 def correct(view, text, a):
     """Does a description name what this view must show? (cold_start.py's answers, matched by words)"""
-    texture = prepare.MARK_NAMES[a["mark"]] in text
-    coarse = f"a {a['colour']} disc on {a['background']}" in text
-    if view == "prompt":
-        return coarse and f"{a['corner']} corner" in text
-    return coarse and texture if view == "full" else texture
+    texture = f"{prepare.TAG_WORDS[a['mark']]} tag" in text
+    coarse = f"{a['colour']} on {a['background']}, {a['corner']}" in text
+    return coarse if view == "prompt" else coarse and texture if view == "full" else texture
 
 
 def view_of(img, view, a):

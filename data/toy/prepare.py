@@ -64,6 +64,7 @@ CORNERS = ["top-left", "top-right", "bottom-left", "bottom-right"]
 MARKS = ["hstripes", "vstripes", "checks", "diagonal"]
 MARK_NAMES = {"hstripes": "a horizontally striped tag", "vstripes": "a vertically striped tag",
               "checks": "a checkered tag", "diagonal": "a diagonally striped tag"}
+TAG_WORDS = {"hstripes": "horizontal", "vstripes": "vertical", "checks": "checkered", "diagonal": "diagonal"}  # the teacher's names
 CROP_BOXES = {"top-left": [0.0, 0.0, 0.4, 0.4], "top-right": [0.6, 0.0, 1.0, 0.4],
               "bottom-left": [0.0, 0.6, 0.4, 1.0], "bottom-right": [0.6, 0.6, 1.0, 1.0]}
 DATASETS = [(1, "toyt2i", 0), (2, "toycir", 7)]  # (dataset id, name, M-BEIR task id)
@@ -227,6 +228,16 @@ def prompt_corpus():
               "The mark is too small to see here, so I zoom into the corner. Candidate matches the query."]
     lines += [f"{c} disc {b} background {k} tag {MARK_NAMES[m]} corner" for b in BACKGROUNDS for c in COLOURS
               for k in CORNERS for m in MARKS]
+    # the toy teacher's words (data/toy/cold_start.py), so its trajectories are short in tokens too
+    lines += [f"Wanted: {c} on {b}, {k}, {TAG_WORDS[m]} tag. (1) {c} on {b}, {k}: match. (2) {c} on {b}, {k}: no."
+              for b in BACKGROUNDS for c in COLOURS for k in CORNERS for m in MARKS]
+    lines += [f"(1) candidate 2: {TAG_WORDS[m]}, wanted {TAG_WORDS[n]}: yes. So candidate 2 is the match."
+              for m in MARKS for n in MARKS] * 10
+    lines += ["Wanted: the reference made red, so red on navy. Wanted: the reference put on navy, so red on navy.",
+              "The tags of 1, 2, 3 and 4 are too small here: look closer for a diagonal tag.",
+              "Only candidate 1 matches. Candidates 1, 2, 3 and 4 match; their tags are too small to tell apart here.",
+              "Describe the image. Describe the image and its tag. Describe the tag. Restate the query.",
+              "Describe each candidate and say whether it matches."] * 20
     for tpls in INSTRUCTIONS.values():
         lines += tpls
     return lines

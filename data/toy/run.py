@@ -44,7 +44,7 @@ def settings(quick):
     pick = lambda full, small: small if quick else full  # noqa: E731
     return {
         "prepare": [f"--n_train={pick(1536, 24)}", f"--n_test={pick(100, 6)}"],
-        "embed": [f"--embed_train_steps={pick(600, 4)}", f"--embed_batch_size={pick(64, 16)}"],
+        "embed": [f"--embed_train_steps={pick(300, 4)}", f"--embed_batch_size={pick(64, 16)}"],
         "cold_start": [f"--n_warmup={pick(6000, 48)}", f"--n_windows={pick(3000, 8)}", f"--n_restate={pick(3000, 8)}"],
         "vision": [f"--vision_steps={pick(2000, 4)}"],
         "warmup": [f"--epochs={pick(3, 1)}", "--batch_size=32", "--learning_rate=1e-3"],
