@@ -25,7 +25,7 @@ def sft(toy_data):
     """Run cold_start twice into the toy benchmark's sft/ dir; removed afterwards, since the shared toy dir
     is compared file by file against a fresh prepare run elsewhere."""
     out = os.path.join(toy_data, "sft")
-    argv = [f"--data_root={toy_data}", f"--out_dir={out}", f"--n_warmup={N_WARMUP}", "--n_windows=6", "--n_restate=8"]
+    argv = [f"--data_root={toy_data}", f"--out_dir={out}", f"--n_warmup={N_WARMUP}", "--n_windows=6", "--n_restate=8", "--n_compare=40"]
     _, counts = run_stage("cold_start", argv)
     first = read_files(out)
     _, counts_again = run_stage("cold_start", argv)
@@ -33,6 +33,7 @@ def sft(toy_data):
            "warmup": common.read_jsonl(os.path.join(out, "warmup.jsonl")),
            "windows": common.read_jsonl(os.path.join(out, "warmup_windows.jsonl")),
            "restate": common.read_jsonl(os.path.join(out, "warmup_queries.jsonl")),
+           "compare": common.read_jsonl(os.path.join(out, "warmup_compare.jsonl")),
            "cold": common.read_jsonl(os.path.join(out, "cold_start.jsonl"))}
     shutil.rmtree(out)
 
@@ -86,6 +87,25 @@ def test_window_warmup_records(sft):
             k_yes = int(re.search(r"candidate (\d): ([a-z ]+), wanted [a-z ]+: yes\.", gpt).group(1))
             assert re.search(rf"candidate {k_yes}: {wanted}, wanted", gpt)
             assert rollout.parse_answer(gpt) == [k_yes] + [k for k in range(1, 6) if k != k_yes]
+
+
+def test_compare_records(sft):
+    """Text-only verdict drills: each read tag copied next to the wanted one, yes exactly when they are equal."""
+    assert len(sft["compare"]) == 40
+    n_yes = n_lines = 0
+    for r in sft["compare"]:
+        human, gpt = [t["value"] for t in r["conversations"]]
+        assert r["images"] == [] and "<image>" not in human
+        wanted = re.match(r"Wanted: ([a-z]+) tag\. Read: ", human).group(1)
+        given = re.findall(r"\((\d)\) ([a-z]+)\.", human)
+        lines = re.findall(r"\((\d)\) candidate (\d): ([a-z]+), wanted ([a-z]+): (yes|no)\.", gpt)
+        assert [(k, read) for _, k, read, _, _ in lines] == given and 1 <= len(lines) <= 4
+        assert [int(i) for i, *_ in lines] == list(range(1, len(lines) + 1))
+        for _, _, read, w, verdict in lines:
+            assert w == wanted and (verdict == "yes") == (read == wanted)
+        n_yes += sum(v == "yes" for *_, v in lines)
+        n_lines += len(lines)
+    assert 0.3 < n_yes / n_lines < 0.7  # balanced, unlike the trajectories' 1 in 4
 
 
 def test_restate_records(sft):

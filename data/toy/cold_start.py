@@ -42,6 +42,7 @@ no_tool_fraction = 0.2     # share of trajectories whose window has a single coa
 n_warmup = 6000            # warm-up description records, evenly mixed over prompt, full and crop views (0 = none)
 n_windows = 3000           # multi-image warm-up records (warmup_windows.jsonl; 0 = none)
 n_restate = 3000           # query-reading warm-up records (warmup_queries.jsonl; 0 = none)
+n_compare = 3000           # text-only tag-comparison drills (warmup_compare.jsonl; 0 = none)
 use_tools = True           # False: the no-tools ablation's data (no tools in the prompt, no tool calls)
 n_train_queries = 0        # train queries to use, one trajectory each (0 = all, both tasks)
 seed = 1337
@@ -195,6 +196,27 @@ def restate_records(images):
     return records
 
 
+def compare_records():
+    """n_compare text-only drills of the verdict step, in the trajectories' words: the read tags are given in
+    the question, the answer copies each next to the wanted one and says yes or no. In a trajectory only 1 tag
+    in 4 is the wanted one, and a policy trained on trajectories alone said "no" to every tag (measured: 0 of
+    200 test trajectories said yes, though it read all 796 tags right); here half of the lines are a yes."""
+    rng = np.random.default_rng(seed + 4)
+    names = [tag(m) for m in prepare.MARKS]
+    records = []
+    for _ in range(n_compare):
+        wanted = str(rng.choice(names))
+        ks = sorted(int(k) for k in rng.choice(np.arange(1, 6), int(rng.integers(1, 5)), replace=False))
+        reads = [wanted if rng.random() < 0.5 else str(rng.choice([n for n in names if n != wanted])) for _ in ks]
+        question = f"Wanted: {wanted} tag. Read: " + " ".join(f"({k}) {r}." for k, r in zip(ks, reads)) \
+            + "\nCompare each tag with the wanted one."
+        answer = " ".join(f"({i}) candidate {k}: {r}, wanted {wanted}: {'yes' if r == wanted else 'no'}."
+                          for i, (k, r) in enumerate(zip(ks, reads), 1))
+        records.append({"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}],
+                        "images": [], "image_sizes": [], "kind": "compare"})
+    return records
+
+
 def tag_turn(selected, marks, k_pos, window):
     """The turn after select_images: each selected candidate's tag read next to the wanted one, so that the
     yes/no verdict compares two phrases a few tokens apart (a tiny LM did not learn to compare a read tag with
@@ -293,6 +315,7 @@ def main():
         queries = [queries[i] for i in sorted(rng.sample(range(len(queries)), n_train_queries))]
     images = Images()
     warmup, windows, restate = warmup_records(images), window_records(images), restate_records(images)
+    compare = compare_records()
 
     no_tool = set(rng.sample(range(len(queries)), round(no_tool_fraction * len(queries))))
     records, n_filtered = [], 0
@@ -328,6 +351,8 @@ def main():
         common.write_jsonl(os.path.join(out_dir, "warmup_windows.jsonl"), windows)
     if restate:
         common.write_jsonl(os.path.join(out_dir, "warmup_queries.jsonl"), restate)
+    if compare:
+        common.write_jsonl(os.path.join(out_dir, "warmup_compare.jsonl"), compare)
     common.write_jsonl(os.path.join(out_dir, "cold_start.jsonl"), records)
     counts = {"written": len(records), "filtered": n_filtered, "warmup": len(warmup),
               "tool": sum(r["kind"] == "tool" for r in records),

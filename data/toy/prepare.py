@@ -237,7 +237,8 @@ def prompt_corpus():
               "The tags of 1, 2, 3 and 4 are too small here: look closer for a diagonal tag.",
               "Only candidate 1 matches. Candidates 1, 2, 3 and 4 match; their tags are too small to tell apart here.",
               "Describe the image. Describe the image and its tag. Describe the tag. Restate the query.",
-              "Describe each candidate and say whether it matches."] * 20
+              "Describe each candidate and say whether it matches.",
+              "Wanted: vertical tag. Read: (1) checkered. (2) vertical. Compare each tag with the wanted one."] * 20
     for tpls in INSTRUCTIONS.values():
         lines += tpls
     return lines
