@@ -210,11 +210,15 @@ def compare_records():
         reads = [wanted if rng.random() < 0.5 else str(rng.choice([n for n in names if n != wanted])) for _ in ks]
         question = f"Wanted: {wanted} tag. Read: " + " ".join(f"({k}) {r}." for k, r in zip(ks, reads)) \
             + "\nCompare each tag with the wanted one."
-        answer = " ".join(f"({i}) candidate {k}: {r}, wanted {wanted}: {'yes' if r == wanted else 'no'}."
-                          for i, (k, r) in enumerate(zip(ks, reads), 1))
+        answer = " ".join(verdict_line(i, k, r, wanted) for i, (k, r) in enumerate(zip(ks, reads), 1))
         records.append({"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}],
                         "images": [], "image_sizes": [], "kind": "compare"})
     return records
+
+
+def verdict_line(i, k, read, wanted):
+    """The i-th selected image's line: candidate k's tag as read, next to the wanted one, and the verdict."""
+    return f"({i}) candidate {k}: {read}, wanted {wanted}: {'yes' if read == wanted else 'no'}."
 
 
 def tag_turn(selected, marks, k_pos, window):
@@ -222,8 +226,7 @@ def tag_turn(selected, marks, k_pos, window):
     yes/no verdict compares two phrases a few tokens apart (a tiny LM did not learn to compare a read tag with
     the restatement 100+ tokens back: its verdicts stayed at the majority "no"), then the ranking."""
     wanted = tag(marks[selected.index(k_pos)])
-    reads = [f"({i}) candidate {k}: {tag(m)}, wanted {wanted}: {'yes' if k == k_pos else 'no'}."
-             for i, (k, m) in enumerate(zip(selected, marks), 1)]
+    reads = [verdict_line(i, k, tag(m), wanted) for i, (k, m) in enumerate(zip(selected, marks), 1)]
     answer = [k_pos] + [k for k in selected if k != k_pos] + [k for k in range(1, window + 1) if k not in selected]
     return f"<think>{' '.join(reads)} So candidate {k_pos} is the match.</think>\n<answer>{answer}</answer>"
 
