@@ -83,9 +83,10 @@ def test_window_warmup_records(sft):
         else:  # a family's 4 tags: exactly one is the query's, and it is ranked first
             wanted = human.split("Query: ")[1].split(" tag.")[0]
             assert wanted in prepare.TAG_WORDS.values()
-            assert gpt.count(f", wanted {wanted}: ") == 4 and gpt.count(": yes.") == 1 and gpt.count(": no.") == 3
-            k_yes = int(re.search(r"candidate (\d): ([a-z ]+), wanted [a-z ]+: yes\.", gpt).group(1))
+            assert gpt.count(f", wanted {wanted}: ") == 4 and gpt.count(": yes, ") == 1 and gpt.count(": no, ") == 3
+            k_yes = int(re.search(r"candidate (\d): ([a-z ]+), wanted [a-z ]+: yes, best \1\.", gpt).group(1))
             assert re.search(rf"candidate {k_yes}: {wanted}, wanted", gpt)
+            assert f"best {k_yes}. So candidate {k_yes} is the match." in gpt
             assert rollout.parse_answer(gpt) == [k_yes] + [k for k in range(1, 6) if k != k_yes]
 
 
@@ -98,12 +99,17 @@ def test_compare_records(sft):
         assert r["images"] == [] and "<image>" not in human
         wanted = re.match(r"Wanted: ([a-z]+) tag\. Read: ", human).group(1)
         given = re.findall(r"\((\d)\) ([a-z]+)\.", human)
-        lines = re.findall(r"\((\d)\) candidate (\d): ([a-z]+), wanted ([a-z]+): (yes|no)\.", gpt)
-        assert [(k, read) for _, k, read, _, _ in lines] == given and 1 <= len(lines) <= 4
+        lines = re.findall(r"\((\d)\) candidate (\d): ([a-z]+), wanted ([a-z]+): (yes|no), best (\d|none)\.", gpt)
+        assert [(k, read) for _, k, read, _, _, _ in lines] == given and 1 <= len(lines) <= 4
         assert [int(i) for i, *_ in lines] == list(range(1, len(lines) + 1))
-        for _, _, read, w, verdict in lines:
+        for j, (_, k, read, w, verdict, best) in enumerate(lines):
             assert w == wanted and (verdict == "yes") == (read == wanted)
-        n_yes += sum(v == "yes" for *_, v in lines)
+            # the running best, computed another way: the last yes among lines 0..j
+            yes_so_far = [kk for _, kk, rr, *_ in lines[:j + 1] if rr == wanted]
+            assert best == (yes_so_far[-1] if yes_so_far else "none")
+        last_best = lines[-1][5]
+        assert gpt.endswith(f"So candidate {last_best} is the match." if last_best != "none" else "none.")
+        n_yes += sum(line[4] == "yes" for line in lines)
         n_lines += len(lines)
     assert 0.3 < n_yes / n_lines < 0.7  # balanced, unlike the trajectories' 1 in 4
 
@@ -180,11 +186,13 @@ def test_trajectories(sft, bench):
         assert turns[3]["value"] == ("Here are the selected images for detailed analysis. (Image Size: 112x112, "
                                      "Numbered 1 to 4):" + "<image>" * 4)
         assert r["image_sizes"][-4:] == [[112, 112]] * 4 and len(r["images"]) == int(has_q) + 9
-        reads = re.findall(r"\((\d)\) candidate (\d): ([a-z]+), wanted ([a-z]+): (yes|no)\.", final)
-        assert [(int(i), int(k)) for i, k, _, _, _ in reads] == list(enumerate(family, 1))
-        for _, k, name, wanted, verdict in reads:
+        reads = re.findall(r"\((\d)\) candidate (\d): ([a-z]+), wanted ([a-z]+): (yes|no), best (\d|none)\.", final)
+        assert [(int(i), int(k)) for i, k, *_ in reads] == list(enumerate(family, 1))
+        for _, k, name, wanted, verdict, best in reads:
             assert MARK_OF_NAME[name] == cands[int(k) - 1]["attributes"]["mark"] and MARK_OF_NAME[wanted] == a["mark"]
             assert (verdict == "yes") == (int(k) == r["positive"])
+            assert best == (str(r["positive"]) if family.index(int(k)) >= family.index(r["positive"]) else "none")
+        assert final.split("</think>")[0].endswith(f"best {r['positive']}. So candidate {r['positive']} is the match.")
         assert answer[:4] == [r["positive"]] + [k for k in family if k != r["positive"]]
         if has_q:
             ref = by_path[q["query_img_path"]]["attributes"]

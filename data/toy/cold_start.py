@@ -200,7 +200,8 @@ def compare_records():
     """n_compare text-only drills of the verdict step, in the trajectories' words: the read tags are given in
     the question, the answer copies each next to the wanted one and says yes or no. In a trajectory only 1 tag
     in 4 is the wanted one, and a policy trained on trajectories alone said "no" to every tag (measured: 0 of
-    200 test trajectories said yes, though it read all 796 tags right); here half of the lines are a yes."""
+    200 test trajectories said yes, though it read all 796 tags right); here half of the lines are a yes. A drill
+    with a yes ends in the trajectories' conclusion, which names the last line's running "best"."""
     rng = np.random.default_rng(seed + 4)
     names = [tag(m) for m in prepare.MARKS]
     records = []
@@ -210,15 +211,25 @@ def compare_records():
         reads = [wanted if rng.random() < 0.5 else str(rng.choice([n for n in names if n != wanted])) for _ in ks]
         question = f"Wanted: {wanted} tag. Read: " + " ".join(f"({k}) {r}." for k, r in zip(ks, reads)) \
             + "\nCompare each tag with the wanted one."
-        answer = " ".join(verdict_line(i, k, r, wanted) for i, (k, r) in enumerate(zip(ks, reads), 1))
+        lines, best = verdict_lines(ks, reads, wanted)
+        answer = " ".join(lines) + (f" So candidate {best} is the match." if best != "none" else "")
         records.append({"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}],
                         "images": [], "image_sizes": [], "kind": "compare"})
     return records
 
 
-def verdict_line(i, k, read, wanted):
-    """The i-th selected image's line: candidate k's tag as read, next to the wanted one, and the verdict."""
-    return f"({i}) candidate {k}: {read}, wanted {wanted}: {'yes' if read == wanted else 'no'}."
+def verdict_lines(ks, reads, wanted):
+    """One line per selected image: candidate k's tag as read, next to the wanted one, the verdict, and the
+    running "best" (the candidate of the latest yes so far, "none" before one). The conclusion then copies the
+    number a few tokens back, from the last line, instead of finding the line that said yes: a tiny LM found
+    a yes 3-4 lines back at chance (measured: with the yes on line 1, 18 of 56 test conclusions were right,
+    on lines 3-4, 98 of 99). Each line's best copies this line's k or the previous line's best, both a fixed
+    number of tokens back. Returns (lines, the last best)."""
+    lines, best = [], "none"
+    for i, (k, read) in enumerate(zip(ks, reads), 1):
+        best = k if read == wanted else best
+        lines.append(f"({i}) candidate {k}: {read}, wanted {wanted}: {'yes' if read == wanted else 'no'}, best {best}.")
+    return lines, best
 
 
 def tag_turn(selected, marks, k_pos, window):
@@ -226,9 +237,10 @@ def tag_turn(selected, marks, k_pos, window):
     yes/no verdict compares two phrases a few tokens apart (a tiny LM did not learn to compare a read tag with
     the restatement 100+ tokens back: its verdicts stayed at the majority "no"), then the ranking."""
     wanted = tag(marks[selected.index(k_pos)])
-    reads = [verdict_line(i, k, tag(m), wanted) for i, (k, m) in enumerate(zip(selected, marks), 1)]
+    lines, best = verdict_lines(selected, [tag(m) for m in marks], wanted)
+    assert best == k_pos, "a family holds the wanted tag once"
     answer = [k_pos] + [k for k in selected if k != k_pos] + [k for k in range(1, window + 1) if k not in selected]
-    return f"<think>{' '.join(reads)} So candidate {k_pos} is the match.</think>\n<answer>{answer}</answer>"
+    return f"<think>{' '.join(lines)} So candidate {k_pos} is the match.</think>\n<answer>{answer}</answer>"
 
 
 def family_of(a):

@@ -231,8 +231,8 @@ def prompt_corpus():
     # the toy teacher's words (data/toy/cold_start.py), so its trajectories are short in tokens too
     lines += [f"Wanted: {c} on {b}, {k}, {TAG_WORDS[m]} tag. (1) {c} on {b}, {k}: match. (2) {c} on {b}, {k}: no."
               for b in BACKGROUNDS for c in COLOURS for k in CORNERS for m in MARKS]
-    lines += [f"(1) candidate 2: {TAG_WORDS[m]}, wanted {TAG_WORDS[n]}: yes. So candidate 2 is the match."
-              for m in MARKS for n in MARKS] * 10
+    lines += [f"(1) candidate 2: {TAG_WORDS[m]}, wanted {TAG_WORDS[n]}: yes, best 2. (2) candidate 3: {TAG_WORDS[n]}, "
+              f"wanted {TAG_WORDS[m]}: no, best none. So candidate 2 is the match." for m in MARKS for n in MARKS] * 10
     lines += ["Wanted: the reference made red, so red on navy. Wanted: the reference put on navy, so red on navy.",
               "The tags of 1, 2, 3 and 4 are too small here: look closer for a diagonal tag.",
               "Only candidate 1 matches. Candidates 1, 2, 3 and 4 match; their tags are too small to tell apart here.",
