@@ -15,6 +15,7 @@ from PIL import Image
 
 import common
 import rollout
+from engine import Engine
 from configurator import configure
 
 # -----------------------------------------------------------------------------
@@ -51,7 +52,7 @@ def toy_engine():
     model = common.build_tiny_model(arch, tokenizer, seed=seed, n_layer=n_layer, n_embd=n_embd).eval()
     patch = common.ARCHS[arch][2]
     processor = common.make_processor(tokenizer, patch, (2 * patch) ** 2, 16 * (2 * patch) ** 2)
-    return rollout.Engine(model, processor, use_tools=False)
+    return Engine(model, processor, use_tools=False)
 
 
 def toy_prompt(engine, n_images, side, text):
@@ -62,7 +63,7 @@ def toy_prompt(engine, n_images, side, text):
 
 
 def bench_decode():
-    """(a) rollout.py's loop vs HF generate: same model, same batch, greedy, no tools, new_tokens each."""
+    """(a) engine.py's loop vs HF generate: same model, same batch, greedy, no tools, new_tokens each."""
     engine = toy_engine()
     engine.stop_ids = set()  # both sides generate exactly new_tokens per row
     prompts = [toy_prompt(engine, 1, 28, f"query number {i}") for i in range(batch)]
@@ -82,7 +83,7 @@ def bench_decode():
     t_hf, hf_new = best_time(hf_generate)
     n = batch * new_tokens
     assert all(t["n_generated"] == new_tokens for t in trajs) and hf_new == new_tokens
-    print(f"decode  batch {batch} x {new_tokens} tokens: rollout.py {n / t_ours:.0f} tok/s, "
+    print(f"decode  batch {batch} x {new_tokens} tokens: engine.py {n / t_ours:.0f} tok/s, "
           f"HF generate {n / t_hf:.0f} tok/s, ratio: {t_hf / t_ours:.2f}")
 
 

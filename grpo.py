@@ -1,5 +1,5 @@
 """
-GRPO for the agentic reranker, written out by hand: sample G trajectories per prompt with rollout.py's
+GRPO for the agentic reranker, written out by hand: sample G trajectories per prompt with engine.py's
 engine (tools live, one shared prefill per group), score them with the evidence-aligned reward, turn the
 rewards into group advantages, and take a clipped policy-gradient step on the policy's own tokens.
 
@@ -17,7 +17,7 @@ keeps prompt and observation tokens out. Loss per token: -min(rho A, clip(rho, 1
 is loaded), aggregated as a token mean over the global batch (or sequence mean, or Dr.GRPO's constant).
 With ppo_epochs = 1 the ratio is 1 (logp_old = logp.detach()); with more, logp_old is recorded before the
 first update and clipping matters. Under torchrun the policy is sharded with FSDP2; generation gathers the
-weights once (rollout.unsharded), so ranks that generate different lengths never meet in a collective.
+weights once (engine.unsharded), so ranks that generate different lengths never meet in a collective.
 """
 
 import math
@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 import common
 import rollout
+from engine import Engine, parse_answer, unsharded
 import sft
 from configurator import configure
 
@@ -91,12 +92,12 @@ def format_reward(text):
     match = FORMAT.search(text)
     if not match:
         return 0.0
-    return 0.5 + 0.5 * (rollout.parse_answer(text[text.find("</think>", match.start()):]) is not None)
+    return 0.5 + 0.5 * (parse_answer(text[text.find("</think>", match.start()):]) is not None)
 
 
 def positive_rank(text, positive):
     """1-based position of the positive in the answer of text (first occurrence), or None."""
-    answer = rollout.parse_answer(text[text.find("</think>"):]) if "</think>" in text else None
+    answer = parse_answer(text[text.find("</think>"):]) if "</think>" in text else None
     return answer.index(positive) + 1 if answer and positive in answer else None
 
 
@@ -249,7 +250,7 @@ def main():
         set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         start = state["step"]
         print0(f"resuming from step {start}")
-    engine = rollout.Engine(model, processor, use_tools, max_calls, tool_min_pixels, tool_max_pixels)
+    engine = Engine(model, processor, use_tools, max_calls, tool_min_pixels, tool_max_pixels)
     image_token_id, pad_id = model.config.image_token_id, processor.tokenizer.pad_token_id
     wandb = NoWandb()
     if wandb_log and rank == 0:

@@ -1,5 +1,5 @@
 """
-Rejection-sampling SFT: sample N trajectories per training query from the SFT policy (rollout.py's
+Rejection-sampling SFT: sample N trajectories per training query from the SFT policy (engine.py's
 engine, temperature > 0, one shared prefill per group), keep the well-formed ones that rank the positive
 first (optionally: that also made a valid tool call), write them as ShareGPT records with their
 observation images as files, then fine-tune on them with sft.py's train(): one trainer, not two.
@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 import common
 import rollout
+from engine import Engine, is_well_formed, parse_answer
 import sft
 from configurator import configure
 
@@ -91,8 +92,8 @@ def to_record(traj, prompt, qid, positive, image_dir):
 
 def accepted(traj, positive):
     final = traj["final_text"]
-    ok = traj["stop_reason"] == "stop" and rollout.is_well_formed(final)
-    answer = rollout.parse_answer(final[final.find("</think>"):]) if ok else None
+    ok = traj["stop_reason"] == "stop" and is_well_formed(final)
+    answer = parse_answer(final[final.find("</think>"):]) if ok else None
     ok = ok and bool(answer) and answer[0] == positive
     return ok and (traj["n_valid_calls"] > 0 or not require_tool)
 
@@ -116,7 +117,7 @@ def main():
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     model = common.load_model(policy, dtype=torch_dtype, device=device).eval()
     processor = common.load_processor(policy, min(prompt_min_pixels, tool_min_pixels), max(prompt_max_pixels, tool_max_pixels))
-    engine = rollout.Engine(model, processor, use_tools, max_calls, tool_min_pixels, tool_max_pixels)
+    engine = Engine(model, processor, use_tools, max_calls, tool_min_pixels, tool_max_pixels)
     print0(f"sampling {n_samples} trajectories for {len(todo)} queries ({len(done)} done) from {policy}")
 
     mine = todo[rank::world_size]
@@ -139,7 +140,7 @@ def main():
             keep = [t for t in group if positive is not None and accepted(t, positive)][:keep_per_query]
             records += [to_record(t, prompt, r["qid"], positive, image_dir) for t in keep]
             counts["samples"] += len(group)
-            counts["well_formed"] += sum(rollout.is_well_formed(t["final_text"]) for t in group)
+            counts["well_formed"] += sum(is_well_formed(t["final_text"]) for t in group)
             counts["accepted"] += sum(positive is not None and accepted(t, positive) for t in group)
             counts["queries_with_one"] += bool(keep)
         if world_size > 1:

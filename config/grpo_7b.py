@@ -3,7 +3,7 @@
 #       --data_root=/data/M-BEIR --ranked_in=out/mbeir/ranked_train.jsonl --query_files=... --pool_files=...
 # Memory (per 80 GB GPU): the policy's bf16 weights, grads and fp32 AdamW state are sharded 8 ways
 # (~2 + 2 + 8 GB of ~16 + 16 + 64 GB in total for 8B parameters), but generation all-gathers the whole
-# policy on every rank (rollout.unsharded: ~16 GB) plus the KV cache of its 16 prompts x 8 samples; the
+# policy on every rank (engine.unsharded: ~16 GB) plus the KV cache of its 16 prompts x 8 samples; the
 # training forward with gradient checkpointing then holds one layer's activations per micro-batch.
 # Lower micro_batch_size (or prompts_per_step) if a rank runs out of memory.
 

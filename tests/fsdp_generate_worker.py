@@ -9,6 +9,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 import rollout  # noqa: E402
+from engine import Engine  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 toy_data, out = sys.argv[1], sys.argv[2]
@@ -27,7 +28,7 @@ prompt = {"messages": rollout.build_messages(f"query of rank {rank}", False, "",
 new_tokens = 4 if rank == 0 else 25  # ranks generate different lengths
 results = []
 for model in (plain, sharded):
-    engine = rollout.Engine(model, processor, use_tools=False)
+    engine = Engine(model, processor, use_tools=False)
     engine.stop_ids = set()
     results.append(engine.generate([prompt], n_samples=2, max_new_tokens=new_tokens)[0]["input_ids"])
 # training still works afterwards: one forward/backward in lockstep

@@ -9,6 +9,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 import grpo  # noqa: E402
 import rollout  # noqa: E402
+from engine import Engine  # noqa: E402
 import sft  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
@@ -24,7 +25,7 @@ reference = common.build_tiny_model("qwen2_5_vl", tokenizer, seed=0, **small).ev
 images = [common.qwen_resize(common.load_image(f"{toy_data}/images/test/pool/{i}.png"), 784, 784) for i in range(3)]
 prompts = [{"messages": rollout.build_messages(f"query {p}", False, "", [""] * 3, [True] * 3, False),
             "prompt_images": images, "tool_images": [None] + images} for p in range(2)]
-engine = rollout.Engine(model.eval(), processor, use_tools=False)
+engine = Engine(model.eval(), processor, use_tools=False)
 with torch.no_grad():
     trajs = engine.generate(prompts, n_samples=4, temperature=1.0, max_new_tokens=12, seed=3)
 rewards = torch.rand(2, 4, generator=torch.Generator().manual_seed(0))

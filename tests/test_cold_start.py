@@ -9,6 +9,7 @@ import torch
 import common
 import prepare
 import rollout
+from engine import parse_answer
 from conftest import run_stage
 
 N_WARMUP = 60
@@ -87,7 +88,7 @@ def test_window_warmup_records(sft):
             k_yes = int(re.search(r"candidate (\d): ([a-z ]+), wanted [a-z ]+: yes, best \1\.", gpt).group(1))
             assert re.search(rf"candidate {k_yes}: {wanted}, wanted", gpt)
             assert f"best {k_yes}. So candidate {k_yes} is the match." in gpt
-            assert rollout.parse_answer(gpt) == [k_yes] + [k for k in range(1, 6) if k != k_yes]
+            assert parse_answer(gpt) == [k_yes] + [k for k in range(1, 6) if k != k_yes]
 
 
 def test_compare_records(sft):
@@ -172,7 +173,7 @@ def test_trajectories(sft, bench):
         family = [k for k, c in enumerate(cands, 1)
                   if all(c["attributes"][x] == a[x] for x in ("colour", "background", "corner"))]
         final = turns[-1]["value"]
-        answer = rollout.parse_answer(final)
+        answer = parse_answer(final)
         assert answer[0] == r["positive"] and sorted(answer) == [1, 2, 3, 4, 5]
         assert re.fullmatch(r"<think>[^<]+</think>\n<answer>\[[\d, ]+\]</answer>", final)
         if r["kind"] == "no_tool":

@@ -148,7 +148,7 @@ def test_one_step_with_two_ranks_equals_one_rank(toy_data, tmp_path):
 def test_training_logprobs_are_the_samplers_distribution(tokenizer, toy_data):
     """The trainer's log-prob of a sampled token is the probability the rollout's sampler drew it with, at
     the sampling temperature: checked against the sampler's own frequencies."""
-    import rollout
+    from engine import sample
     engine, prompt = setup("qwen2_5_vl", tokenizer, toy_data, use_tools=False)
     model = engine.model
     with torch.no_grad():
@@ -159,7 +159,7 @@ def test_training_logprobs_are_the_samplers_distribution(tokenizer, toy_data):
         t = traj["loss_mask"].index(1)  # the first generated token, predicted from position t - 1
         token = traj["input_ids"][t]
         row = model(**common.model_inputs(batch, "cpu"), use_cache=False).logits[0, t - 1].float()  # (V,)
-        draws = rollout.sample(row.expand(20000, -1), 0.5, 1.0, torch.Generator().manual_seed(0))  # (20000,)
+        draws = sample(row.expand(20000, -1), 0.5, 1.0, torch.Generator().manual_seed(0))  # (20000,)
         freqs = torch.bincount(draws, minlength=row.numel()).float() / draws.numel()  # (V,) the sampler's
         p_trained = grpo.sampled_logprobs(model, batch, "cpu", temperature=0.5)[0, t - 1].exp().item()
         p_untempered = grpo.sampled_logprobs(model, batch, "cpu", temperature=1.0)[0, t - 1].exp().item()

@@ -3,6 +3,7 @@ import torch
 
 import common
 import rollout
+from engine import Engine, mrope_positions, parse_answer
 
 CALL = '<tool_call>\n{"name": "crop_image", "arguments": {"bbox_2d": [0, 0, 0.4, 0.4], "target_image": 2}}\n</tool_call>'
 
@@ -16,7 +17,7 @@ def setup(arch, tokenizer, toy_data, n_cands=3, use_tools=True):
     messages = rollout.build_messages("a red disc", False, "Find it.", [""] * n_cands, [True] * n_cands, use_tools)
     prompt = {"messages": messages, "prompt_images": [common.qwen_resize(im, f * f, f * f, f) for im in images],
               "tool_images": [None] + images}
-    engine = rollout.Engine(model, processor, use_tools=use_tools, tool_min_pixels=4 * f * f, tool_max_pixels=4 * f * f)
+    engine = Engine(model, processor, use_tools=use_tools, tool_min_pixels=4 * f * f, tool_max_pixels=4 * f * f)
     return engine, prompt
 
 
@@ -147,17 +148,17 @@ def test_mrope_positions_match_the_model(arch, tokenizer, toy_data):
     ids, _, grids = engine.encode(text + "<|vision_start|><|image_pad|><|vision_end|>x", images)
     mm = torch.tensor([[int(i == engine.image_token_id) for i in ids]])
     expected, _ = engine.model.model.get_rope_index(torch.tensor([ids]), mm_token_type_ids=mm, image_grid_thw=grids)
-    mine, next_pos = rollout.mrope_positions(ids, grids, engine.image_token_id, 0)
+    mine, next_pos = mrope_positions(ids, grids, engine.image_token_id, 0)
     assert torch.equal(mine, expected[:, 0]) and next_pos == expected.max() + 1
 
 
 def test_parse_answer():
-    assert rollout.parse_answer("<think>x</think><answer>[3, 1, 2]</answer>") == [3, 1, 2]
-    assert rollout.parse_answer("<answer>[2,1]</answer> <answer>[1]</answer>") == [2, 1]  # the first one
-    assert rollout.parse_answer("<answer>3, 1</answer>") is None
-    assert rollout.parse_answer("<answer>[a, 1]</answer>") is None
-    assert rollout.parse_answer("no answer") is None
-    assert rollout.parse_answer("<answer>[]</answer>") == []
+    assert parse_answer("<think>x</think><answer>[3, 1, 2]</answer>") == [3, 1, 2]
+    assert parse_answer("<answer>[2,1]</answer> <answer>[1]</answer>") == [2, 1]  # the first one
+    assert parse_answer("<answer>3, 1</answer>") is None
+    assert parse_answer("<answer>[a, 1]</answer>") is None
+    assert parse_answer("no answer") is None
+    assert parse_answer("<answer>[]</answer>") == []
 
 
 def test_merge_window_rules():

@@ -3,6 +3,7 @@ import torch
 
 import common
 import rollout
+from engine import Engine
 from conftest import run_stage
 
 TINY = ["--epochs=1", "--batch_size=2", "--learning_rate=1e-4"]
@@ -10,7 +11,7 @@ TINY = ["--epochs=1", "--batch_size=2", "--learning_rate=1e-4"]
 
 def forcing_generate(texts):
     """Engine.generate, but sample k of every group writes texts[k] (then stops): known answers."""
-    original = rollout.Engine.generate
+    original = Engine.generate
 
     def generate(self, prompts, n_samples=1, *args, **kwargs):
         forced = [self.tok(t, add_special_tokens=False)["input_ids"] + [self.im_end] for t in texts]
@@ -50,7 +51,7 @@ def test_rsft_keeps_only_well_formed_trajectories_that_rank_the_positive_first(r
              "<think>no tool</think>\n<answer>[2, 5, 4, 3, 1]</answer>",         # right, no tool
              "<think>wrong</think>\n<answer>[1, 2, 3, 4, 5]</answer>",           # positive not first
              "<answer>[2, 1, 3, 4, 5]</answer>"]                                 # not well formed
-    monkeypatch.setattr(rollout.Engine, "generate", forcing_generate(texts))
+    monkeypatch.setattr(Engine, "generate", forcing_generate(texts))
     args = [f"--data_root={toy_data}", f"--policy={root}/policy", f"--ranked_in={root}/ranked.jsonl",
             "--query_files=query/train/mbeir_toyt2i_task0_train.jsonl",
             "--pool_files=cand_pool/train/mbeir_toyt2i_task0_train_cand_pool.jsonl",

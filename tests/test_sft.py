@@ -9,6 +9,7 @@ import torch
 import common
 from transformers import AutoTokenizer
 import rollout
+from engine import Engine
 import tools
 from conftest import REPO, run_stage
 
@@ -52,7 +53,7 @@ def test_loss_mask_covers_exactly_the_gpt_turns(toy_data, tokenizer, tmp_path):
     assert all(m == 0 for i, m in zip(ids, mask) if i == image_pad)
     assert sum(i == image_pad for i in ids) == 3 * 1 + 4  # three 28x28 candidates, one 56x56 crop
     # the prompt part is token-for-token what the rollout engine prefills
-    engine = rollout.Engine(common.build_tiny_model("qwen2_5_vl", tokenizer), processor)
+    engine = Engine(common.build_tiny_model("qwen2_5_vl", tokenizer), processor)
     messages = rollout.build_messages("a red disc on navy", False, "Find it.", [""] * 3, [True] * 3, True)
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     views = [common.qwen_resize(common.load_image(os.path.join(toy_data, p)), 784, 784) for p in record["images"][:3]]

@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.join(ROOT, "data", "toy"))
 import common  # noqa: E402
 import prepare  # noqa: E402
 import rollout  # noqa: E402
+from engine import parse_answer  # noqa: E402
 import tools  # noqa: E402
 from configurator import configure  # noqa: E402
 
@@ -309,7 +310,7 @@ def well_formed(turns, tool_images, k_pos, n):
         if tools.parse_tool_call(text)[2] is not None or not tools.execute_tool_call(
                 text, tool_images, TOOL_MIN, TOOL_MAX, FACTOR).valid:
             return False
-    answer = rollout.parse_answer(gpt[-1])
+    answer = parse_answer(gpt[-1])
     return bool(FINAL.fullmatch(gpt[-1])) and answer is not None and sorted(answer) == list(range(1, n + 1)) \
         and answer[0] == k_pos
 

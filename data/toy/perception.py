@@ -18,7 +18,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "data", "toy"))
 import common  # noqa: E402
 import prepare  # noqa: E402
-import rollout  # noqa: E402
+from engine import Engine  # noqa: E402
 import tools  # noqa: E402
 from configurator import configure  # noqa: E402
 
@@ -50,7 +50,7 @@ def main():
     pool = common.read_jsonl(common.resolve_path(pool_file, data_root))
     picked = np.random.default_rng(seed).choice(len(pool), min(n_images, len(pool)), replace=False)
     model = common.load_model(policy).eval()
-    engine = rollout.Engine(model, common.load_processor(policy, 784, 12544), use_tools=False)
+    engine = Engine(model, common.load_processor(policy, 784, 12544), use_tools=False)
     scores = {}
     for view, question in QUESTIONS.items():
         prompts, attrs = [], []

@@ -122,7 +122,7 @@ def trajectory_stats(path, tools_on):
     """Answer-format validity, tool-call rate, mean generated tokens and mean GRPO reward (paper variant, the
     reward that stage's GRPO would give) over a rerank's trajectories."""
     import grpo
-    import rollout
+    from engine import is_well_formed
     trajs = common.read_jsonl(path)
     positives = {}
     for name in TEST[0].split(","):
@@ -132,7 +132,7 @@ def trajectory_stats(path, tools_on):
         hits = [k for k, did in enumerate(t["window"], 1) if did in positives[t["qid"]]]
         rewards += grpo.group_rewards([t["final_text"]], [t["n_valid_calls"]], hits[0] if hits else None, "paper", tools_on)
     n = max(1, len(trajs))
-    return {"format_valid": 100 * sum(rollout.is_well_formed(t["final_text"]) for t in trajs) / n,
+    return {"format_valid": 100 * sum(is_well_formed(t["final_text"]) for t in trajs) / n,
             "tool_call_rate": 100 * sum(t["n_valid_calls"] > 0 for t in trajs) / n,
             "mean_generated_tokens": sum(t["n_generated"] for t in trajs) / n,
             "mean_reward": sum(rewards) / n}
