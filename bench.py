@@ -19,7 +19,7 @@ from engine import Engine
 from configurator import configure
 
 # -----------------------------------------------------------------------------
-only = ""          # '' = all, else one of decode, prefill, faiss
+only = ""          # '' = all, else one of decode, prefill, prompt, faiss
 repeats = 3        # best-of-N timing per side
 arch = "qwen2_5_vl"
 tokenizer_dir = "data/toy/tokenizer"  # run data/toy/prepare.py first
@@ -29,6 +29,7 @@ batch = 8          # (decode) rows generated side by side
 new_tokens = 128   # (decode) tokens per row
 group = 8          # (prefill) samples sharing one prompt
 n_candidates = 20  # (prefill) candidate images in the prompt
+train_batch = 8    # (prompt) reranking records per training step
 faiss_n = 100_000  # (faiss) pool size ...
 faiss_dim = 512    # ... dimension ...
 faiss_queries = 1000  # ... queries ...
@@ -97,8 +98,52 @@ def bench_prefill():
           f"independent {t_indep * 1000:.0f} ms, ratio: {t_indep / t_shared:.2f}")
 
 
+def spelled_out(tokenizer, text):
+    """Plain BPE ids of text, without the added tokens: what a tokenizer lacking them would give."""
+    backend = tokenizer.backend_tokenizer
+    return [t.id for piece, _ in backend.pre_tokenizer.pre_tokenize_str(text) for t in backend.model.tokenize(piece)]
+
+
+def bench_prompt():
+    """(c) one SFT step (forward + backward) on tool-prompt reranking records: the prompt text that is the
+    same in every record (the system prompt with the tool specs, the guidelines) spelled out in BPE, as the
+    toy tokenizer has it, vs held as one added token each."""
+    import re
+    import sft
+    import tools
+    from transformers import AddedToken, AutoTokenizer
+    fixed = [rollout.SYSTEM_PROMPT + "\n\n" + tools.tools_prompt(), "\n\n" + rollout.GUIDELINES + rollout.TOOL_GUIDELINE]
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.add_tokens([AddedToken(text, normalized=False) for text in fixed])
+    model = common.build_tiny_model(arch, tok, seed=seed, n_layer=n_layer, n_embd=n_embd).train()
+    processor = common.make_processor(tok, common.ARCHS[arch][2], 784, 784)
+    reply = "<think>" + " ".join(f"({i}) candidate {i}: vertical, wanted checkered: no, best none." for i in range(1, 5))
+    reply += " So candidate 1 is the match.</think>\n<answer>[1, 2, 3, 4, 5]</answer><|im_end|>"
+    rng = np.random.default_rng(seed)
+    images = [Image.fromarray(rng.integers(0, 255, (28, 28, 3), dtype=np.uint8)) for _ in range(5)]
+    messages = rollout.build_messages("an orange disc with a checkered tag", False, "Find it.", [""] * 5, [True] * 5, True)
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + reply
+    as_one = tok(text, add_special_tokens=False)["input_ids"]
+    spelled = []
+    for part in re.split("(" + "|".join(map(re.escape, fixed)) + ")", text):
+        spelled += spelled_out(tok, part) if part in fixed else tok(part, add_special_tokens=False)["input_ids"]
+    assert tok.decode(spelled) == tok.decode(as_one) == text and len(spelled) > len(as_one)
+
+    def step(ids):
+        examples = [{"input_ids": ids, "loss_mask": [1] * len(ids), "images": images}] * train_batch
+        batch = sft.collate(examples, processor, model.config.image_token_id, tok.pad_token_id)
+        loss, n = sft.token_loss_sum(model, batch, "cpu")
+        (loss / n).backward()
+        model.zero_grad(set_to_none=True)
+    t_spelled, _ = best_time(lambda: step(spelled))
+    t_one, _ = best_time(lambda: step(as_one))
+    print(f"SFT step, {train_batch} tool-prompt records: fixed text spelled out {len(spelled)} tokens/record "
+          f"{t_spelled * 1000:.0f} ms, one token each {len(as_one)} tokens/record {t_one * 1000:.0f} ms, "
+          f"ratio: {t_spelled / t_one:.2f}")
+
+
 def bench_faiss():
-    """(c) exact inner-product top-k: faiss IndexFlatIP vs numpy matmul + argpartition."""
+    """(d) exact inner-product top-k: faiss IndexFlatIP vs numpy matmul + argpartition."""
     import retrieve
     rng = np.random.default_rng(seed)
     pool = rng.standard_normal((faiss_n, faiss_dim), dtype=np.float32)
@@ -119,6 +164,7 @@ def bench_faiss():
 if __name__ == "__main__":
     configure(globals())
     torch.manual_seed(seed)
-    for name, fn in [("decode", bench_decode), ("prefill", bench_prefill), ("faiss", bench_faiss)]:
+    for name, fn in [("decode", bench_decode), ("prefill", bench_prefill), ("prompt", bench_prompt),
+                     ("faiss", bench_faiss)]:
         if only in ("", name):
             fn()

@@ -24,5 +24,6 @@ def test_quick_toy_pipeline_runs_end_to_end_and_resumes(tmp_path):
     assert all(r["tool_call_rate"] == 0 for r in no_tools)  # tools are off in the ablation
     md = open(tmp_path / "out/results.md").read()
     assert "| SFT + RSFT |" in md and "quick mode" in md
+    assert results["machine"]["matmul_gflops"] > 0 and "GFLOP/s" in md  # the speed the wall times were measured at
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "[sft]" not in again.stdout + again.stderr  # nothing re-run

@@ -138,7 +138,20 @@ def trajectory_stats(path, tools_on):
             "mean_reward": sum(rewards) / n}
 
 
-def results(times):
+def machine_speed():
+    """This machine's fp32 matmul speed (best of 5, 1024x1024, torch's threads), written next to the wall
+    times: the same stages have taken up to ~4x longer on one 2-core machine than on another."""
+    import torch
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return {"matmul_gflops": round(2 * 1024 ** 3 / best / 1e9, 1), "threads": torch.get_num_threads()}
+
+
+def results(times, machine):
     rows = []
     for label, tag, trained_by in ROWS:
         metric_dir = f"{out}/stage0" if tag == "stage0" else f"{out}/rerank_{tag}"
@@ -163,10 +176,12 @@ def results(times):
     total = sum(times.values())
     md = (f"# Toy results ({'quick mode: plumbing only' if quick else 'full run'})\n\n"
           f"Test split of the toy benchmark, 200 queries, rerank of the stage-0 top 5. Wall time of the whole run "
-          f"(this machine): {total / 60:.1f} min.\n\n" + "\n".join(lines) + "\n\nStage wall times (s): "
+          f"(this machine): {total / 60:.1f} min; its fp32 matmul speed: {machine['matmul_gflops']:.0f} GFLOP/s "
+          f"on {machine['threads']} threads.\n\n" + "\n".join(lines) + "\n\nStage wall times (s): "
           + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + "\n")
     common.atomic_write(f"{out}/results.md", lambda f: f.write(md))
-    common.write_json(f"{out}/results.json", {"rows": rows, "stage_seconds": times, "total_seconds": total, "quick": quick})
+    common.write_json(f"{out}/results.json", {"rows": rows, "stage_seconds": times, "total_seconds": total, "quick": quick,
+                                                "machine": machine})
     print(md)
     return rows
 
@@ -181,6 +196,7 @@ def main():
     config += (f"\n# written by data/toy/run.py: this run's paths and seed\ndata_root = {data!r}\n"
                f"tokenizer_dir = {data + '/tokenizer'!r}\nseed = {seed}\nemb_dir = {out + '/embed/emb'!r}\n")
     common.atomic_write(f"{out}/config.py", lambda f: f.write(config))
+    machine = machine_speed()
     todo = stages(quick)
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     for name, cmd, done in tqdm(todo, desc="toy pipeline", unit="stage"):
@@ -195,7 +211,7 @@ def main():
             common.atomic_write(done, lambda f: f.write("done\n"))
         times[name] = time.time() - t0
         common.write_json(times_path, times)
-    return results(times)
+    return results(times, machine)
 
 
 if __name__ == "__main__":
