@@ -25,5 +25,11 @@ def test_quick_toy_pipeline_runs_end_to_end_and_resumes(tmp_path):
     md = open(tmp_path / "out/results.md").read()
     assert "| SFT + RSFT |" in md and "quick mode" in md
     assert results["machine"]["matmul_gflops"] > 0 and "GFLOP/s" in md  # the speed the wall times were measured at
+    probe = results["base_verdict_probe"]  # its places counted from the drills' text
+    drills = [json.loads(line) for line in open(tmp_path / "data/sft/warmup_compare.jsonl")][:probe["drills"]]
+    answers = " ".join(d["conversations"][-1]["value"] for d in drills)
+    assert probe["drills"] == len(drills) > 0 and "compare drills" in md
+    assert probe["yes_places"] == answers.count(": yes,") and probe["no_places"] == answers.count(": no,")
+    assert 0 <= probe["yes_right"] <= probe["yes_places"] and 0 <= probe["no_right"] <= probe["no_places"]
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "[sft]" not in again.stdout + again.stderr  # nothing re-run

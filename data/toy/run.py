@@ -138,6 +138,34 @@ def trajectory_stats(path, tools_on):
             "mean_reward": sum(rewards) / n}
 
 
+def verdict_probe(model_dir, n=200):
+    """The toy's fragile skill, measured directly: teacher-forced on the first n compare drills, how many of the
+    " yes" and of the " no" verdict tokens the model predicts (argmax). A base model that says the same word
+    everywhere leaves the verdict to SFT, which has then ranked at stage 0 however well it read the tags (README)."""
+    import torch
+    import sft
+    sft.data_root = data
+    processor = common.load_processor(model_dir, 784, 784)  # the drills hold no images
+    tok = processor.tokenizer
+    model = common.load_model(model_dir).eval()
+    words = {w: tok(" " + w, add_special_tokens=False)["input_ids"] for w in ("yes", "no")}
+    assert all(len(ids) == 1 for ids in words.values()), words
+    drills = common.read_jsonl(f"{data}/sft/warmup_compare.jsonl")[:n]
+    right = {w: [0, 0] for w in words}  # word -> [predicted, places]
+    for i in range(0, len(drills), 8):
+        batch = sft.collate([sft.render(r, processor) for r in drills[i:i + 8]], processor, model.config.image_token_id,
+                            tok.pad_token_id)
+        with torch.no_grad():
+            predicted = model(**common.model_inputs(batch, "cpu")).logits[:, :-1].argmax(-1)  # (B, T-1)
+        target, trained = batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:] == 1
+        for w, (token,) in words.items():
+            at = trained & (target == token)
+            right[w][0] += int((predicted[at] == token).sum())
+            right[w][1] += int(at.sum())
+    return {"drills": len(drills), "yes_right": right["yes"][0], "yes_places": right["yes"][1],
+            "no_right": right["no"][0], "no_places": right["no"][1]}
+
+
 def machine_speed():
     """This machine's fp32 matmul speed (best of 5, 1024x1024, torch's threads), written next to the wall
     times: the same stages have taken up to ~4x longer on one 2-core machine than on another."""
@@ -173,15 +201,18 @@ def results(times, machine):
         lines.append(f"| {r['stage']} | {fmt(r['R@1'])} | {fmt(r['R@5'])} | {fmt(r['MRR'])} | {fmt(r['mean_reward'], 3)} | {fmt(r['format_valid'])} | "
                      f"{fmt(r['tool_call_rate'])} | {fmt(r['mean_generated_tokens'], 0)} | {r['train_seconds']} | "
                      f"{r.get('rerank_seconds', '-')} |")
+    probe = verdict_probe(f"{out}/base/model")  # the base's own drills (a policy's are its trajectories)
     total = sum(times.values())
     md = (f"# Toy results ({'quick mode: plumbing only' if quick else 'full run'})\n\n"
           f"Test split of the toy benchmark, 200 queries, rerank of the stage-0 top 5. Wall time of the whole run "
           f"(this machine): {total / 60:.1f} min; its fp32 matmul speed: {machine['matmul_gflops']:.0f} GFLOP/s "
-          f"on {machine['threads']} threads.\n\n" + "\n".join(lines) + "\n\nStage wall times (s): "
+          f"on {machine['threads']} threads.\n\n" + "\n".join(lines) + "\n\nBase model's verdicts, teacher-forced on the "
+          f"first {probe['drills']} compare drills: \"yes\" right in {probe['yes_right']} of {probe['yes_places']}, "
+          f"\"no\" in {probe['no_right']} of {probe['no_places']}.\n\nStage wall times (s): "
           + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + "\n")
     common.atomic_write(f"{out}/results.md", lambda f: f.write(md))
     common.write_json(f"{out}/results.json", {"rows": rows, "stage_seconds": times, "total_seconds": total, "quick": quick,
-                                                "machine": machine})
+                                                "machine": machine, "base_verdict_probe": probe})
     print(md)
     return rows
 
