@@ -52,14 +52,19 @@ def full_forward_logits(engine, traj):
 @pytest.mark.parametrize("arch", list(common.ARCHS))
 def test_greedy_loop_equals_hf_generate(arch, tokenizer, toy_data):
     engine, prompt = setup(arch, tokenizer, toy_data)
-    traj = engine.generate([prompt], max_new_tokens=12)[0]
+    # a random model may write </tool_call> anywhere, where the engine pauses to run the tool and HF does not:
+    # both sides are kept from writing it, so that they decode the same single turn
+    tool_end = tokenizer.convert_tokens_to_ids("</tool_call>")
+    no_tool_end = lambda row, logits: logits.index_fill(0, torch.tensor([tool_end]), -float("inf"))  # noqa: E731
+    traj = engine.generate([prompt], max_new_tokens=12, logits_hook=no_tool_end)[0]
     text = engine.processor.apply_chat_template(prompt["messages"], add_generation_prompt=True, tokenize=False)
     batch = engine.processor(text=[text], images=prompt["prompt_images"], return_tensors="pt")
     out = engine.model.generate(**common.model_inputs(batch, "cpu"), max_new_tokens=12, do_sample=False,
-                                bad_words_ids=[[i] for i in engine.banned])
+                                bad_words_ids=[[i] for i in engine.banned + [tool_end]])
     n = batch["input_ids"].shape[1]
     assert traj["input_ids"][:n] == batch["input_ids"][0].tolist()
     assert traj["input_ids"][n:] == out[0, n:].tolist()[:len(traj["input_ids"]) - n]
+    assert len(traj["input_ids"]) - n >= 2  # more than one token compared
 
 
 @pytest.mark.parametrize("arch", list(common.ARCHS))

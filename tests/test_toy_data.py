@@ -2,10 +2,13 @@ import hashlib
 import os
 
 import numpy as np
+import pytest
 import torch
 
 import common
 import prepare
+import rollout
+import tools
 from conftest import run_stage
 
 
@@ -61,6 +64,22 @@ def test_tokenizer_has_single_token_tags(tokenizer):
         assert len(ids) == 1, tag
     text = '<tool_call>\n{"name": "crop_image"}\n</tool_call><|im_end|>'
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+
+
+@pytest.mark.parametrize("use_tools", [True, False])
+def test_fixed_prompt_text_is_one_token_each(tokenizer, use_tools):
+    # the whole system prompt is one token, the guidelines another; the rest of the prompt is plain BPE
+    messages = rollout.build_messages("a red disc", False, "Find it.", ["", ""], [True, True], use_tools)
+    text = common.make_processor(tokenizer).apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == text
+    fixed = {tokenizer.convert_tokens_to_ids(t): t for t in prepare.fixed_prompt_text()}
+    used = [fixed[i] for i in ids if i in fixed]
+    system = rollout.SYSTEM_PROMPT + ("\n\n" + tools.tools_prompt() if use_tools else "")
+    guidelines = "\n\n" + rollout.GUIDELINES + (rollout.TOOL_GUIDELINE if use_tools else "")
+    assert used == [system, guidelines]  # the longest fixed text wins where two start at the same place
+    rest = text.replace(system, "").replace(guidelines, "")
+    assert len(ids) == 2 + len(tokenizer(rest, add_special_tokens=False)["input_ids"])
 
 
 def test_canonical_crop_is_the_native_quadrant():

@@ -244,8 +244,18 @@ def prompt_corpus():
     return lines
 
 
+def fixed_prompt_text():
+    """Prompt text that is the same in every reranking example: the system prompt (with and without the
+    tool specs) and the guidelines that end the user turn. The toy tokenizer holds each as one token: a
+    from-scratch toy cannot read it anyway, and as BPE text the tool system prompt alone is ~360 tokens,
+    half of every reranking sequence, which the training and generation stages paid for on every row."""
+    import rollout
+    return [rollout.SYSTEM_PROMPT + "\n\n" + tools.tools_prompt(), rollout.SYSTEM_PROMPT,
+            "\n\n" + rollout.GUIDELINES + rollout.TOOL_GUIDELINE, "\n\n" + rollout.GUIDELINES]
+
+
 def train_tokenizer(texts, root):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -259,6 +269,7 @@ def train_tokenizer(texts, root):
                          eos_token="<|im_end|>", pad_token="<|endoftext|>", errors="replace")
     tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})  # endoftext is the pad token
     tok.add_tokens(TAG_TOKENS)  # like Qwen's <tool_call>: single tokens that decoding keeps
+    tok.add_tokens([AddedToken(text, normalized=False) for text in fixed_prompt_text()])
     tok.save_pretrained(os.path.join(root, "tokenizer"))
     return tok
 
