@@ -7,6 +7,7 @@ best of `repeats` runs of each, and reports only the ratio as the result.
     python bench.py --only=faiss --repeats=5
 """
 
+import sys
 import time
 
 import numpy as np
@@ -106,15 +107,16 @@ def spelled_out(tokenizer, text):
 
 def bench_prompt():
     """(c) one SFT step (forward + backward) on tool-prompt reranking records: the prompt text that is the
-    same in every record (the system prompt with the tool specs, the guidelines) spelled out in BPE, as the
-    toy tokenizer has it, vs held as one added token each."""
+    same in every record (the system prompt with the tool specs, the guidelines) spelled out in BPE, as a
+    tokenizer without the toy's added tokens would give it, vs held as one added token each (the toy's)."""
     import re
     import sft
-    import tools
-    from transformers import AddedToken, AutoTokenizer
-    fixed = [rollout.SYSTEM_PROMPT + "\n\n" + tools.tools_prompt(), "\n\n" + rollout.GUIDELINES + rollout.TOOL_GUIDELINE]
+    from transformers import AutoTokenizer
+    sys.path.insert(0, "data/toy")
+    import prepare
+    fixed = prepare.fixed_prompt_text()[::2]  # the tool variants: system prompt with tool specs, guidelines with hint
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    tok.add_tokens([AddedToken(text, normalized=False) for text in fixed])
+    assert all(t in tok.get_vocab() for t in fixed), f"{tokenizer_dir} lacks the fixed prompt tokens: rerun prepare.py"
     model = common.build_tiny_model(arch, tok, seed=seed, n_layer=n_layer, n_embd=n_embd).train()
     processor = common.make_processor(tok, common.ARCHS[arch][2], 784, 784)
     reply = "<think>" + " ".join(f"({i}) candidate {i}: vertical, wanted checkered: no, best none." for i in range(1, 5))
