@@ -4,7 +4,9 @@ Supervised fine-tuning on ShareGPT records (the released V-Retrver SFT format, L
 The loss is on gpt turns only (their text and the <|im_end|> that closes them); system, human and tool
 observation turns are context. rsft.py trains through the same train() below: one trainer, not two.
 
-    python sft.py config/toy.py --init_from=scratch --sft_data=sft/warmup.jsonl --out_dir=out/toy/base
+    python sft.py config/toy.py --init_from=scratch --sft_data=sft/warmup_compare.jsonl --out_dir=out/toy/drills
+    python sft.py config/toy.py --init_from=out/toy/drills/model --vision_from=out/toy/vision --sft_data=sft/warmup.jsonl \
+        --out_dir=out/toy/base
     python sft.py config/toy.py --init_from=out/toy/base/model --sft_data=sft/cold_start.jsonl --out_dir=out/toy/sft
     torchrun --nproc_per_node=8 sft.py --init_from=/ckpt/Qwen2.5-VL-7B-Instruct --data_root=/data/vretrver \\
         --sft_data=sft.json --dtype=bfloat16 --grad_checkpointing=True --prompt_max_pixels=2000000 ...
@@ -34,6 +36,7 @@ from configurator import configure
 data_root = "data/toy"     # image paths (and sft_data) are relative to it
 sft_data = "sft/cold_start.jsonl"  # comma-separated ShareGPT .json (a list) or .jsonl files
 init_from = "scratch"      # 'scratch' = a tiny model of `arch`; else a local Hugging Face directory
+vision_from = ""           # optional checkpoint whose vision tower (and projector) replaces init_from's
 arch = "qwen2_5_vl"        # scratch only: qwen2_vl | qwen2_5_vl | qwen3_vl
 tokenizer_dir = "data/toy/tokenizer"  # scratch only
 n_layer = 4                # scratch only: the policy's LLM ...
@@ -299,6 +302,13 @@ def main():
     if resume and os.path.exists(os.path.join(model_path, "trainer_state.pt")):
         init_from = model_path  # continue from the last checkpoint
     model, processor = build_model(device, torch_dtype)
+    if vision_from and init_from != model_path:  # not on resume: the checkpoint already holds the tower
+        # the toy trains its tower (data/toy/vision_pretrain.py) and its language model's first skill (the
+        # verdict drills, text only) side by side, each from the same scratch model; here the two meet
+        donor = common.load_model(vision_from, dtype=torch_dtype, device=device)
+        model.model.visual.load_state_dict(donor.model.visual.state_dict())
+        print0(f"vision tower and projector from {vision_from}")
+        del donor
     records = load_records(sft_data, data_root)
     examples = [render(r, processor) for r in records]
     kept = [ex for ex in examples if len(ex["input_ids"]) <= max_length]

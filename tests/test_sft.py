@@ -165,3 +165,40 @@ def test_resume_continues_where_it_stopped(toy_data, sft_data, tmp_path):
     a = common.load_model(f"{tmp_path}/straight/model").state_dict()
     b = common.load_model(f"{tmp_path}/resumed/model").state_dict()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+def test_vision_from_takes_the_tower_of_another_checkpoint(toy_data, sft_data, tmp_path):
+    """The toy trains its vision tower and its language model apart (data/toy/run.py); the warm-up joins them:
+    the tower and projector come from vision_from, the language model from init_from, and a frozen tower stays
+    exactly the donor's through training."""
+    sizes = dict(n_layer=2, n_embd=64, n_head=2, n_kv_head=1, vision_depth=1, vision_hidden=32)
+    donor = common.build_tiny_model("qwen2_5_vl", AutoTokenizer.from_pretrained(f"{toy_data}/tokenizer"), seed=7, **sizes)
+    donor.save_pretrained(tmp_path / "donor")
+    args = [f"--data_root={toy_data}", f"--sft_data={sft_data}", f"--tokenizer_dir={toy_data}/tokenizer",
+            f"--vision_from={tmp_path}/donor", "--epochs=1", "--batch_size=2", "--learning_rate=1e-3",
+            "--freeze_vision=True"] + TINY
+    run_stage("sft", args + [f"--out_dir={tmp_path}/joined"])
+    joined = common.load_model(f"{tmp_path}/joined/model").state_dict()
+    want = donor.state_dict()
+    scratch = common.build_tiny_model("qwen2_5_vl", AutoTokenizer.from_pretrained(f"{toy_data}/tokenizer"), seed=1337,
+                                      **sizes).state_dict()
+    visual = [k for k in want if "visual" in k]
+    assert visual and all(torch.equal(joined[k], want[k]) for k in visual)
+    assert not torch.equal(want["model.visual.merger.mlp.0.weight"], scratch["model.visual.merger.mlp.0.weight"])
+    assert not torch.equal(joined["lm_head.weight"], want["lm_head.weight"])  # the language model is not the donor's
+
+
+def test_thread_count_does_not_change_the_trained_weights(toy_data, sft_data, tmp_path):
+    """data/toy/run.py gives a stage 1 or 2 threads depending on what runs beside it; with the vision tower frozen
+    (every policy stage) the weights come out bit for bit the same. A trained tower's do not (measured), so
+    run.py pins the threads of the two stages that train one (embed, vision)."""
+    args = [f"--data_root={toy_data}", f"--sft_data={sft_data}", f"--tokenizer_dir={toy_data}/tokenizer",
+            "--epochs=2", "--batch_size=2", "--learning_rate=1e-3", "--freeze_vision=True"] + TINY
+    weights = []
+    for threads in (1, 2):
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        cmd = [sys.executable, "sft.py"] + args + [f"--out_dir={tmp_path}/t{threads}"]
+        out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        weights.append(common.load_model(f"{tmp_path}/t{threads}/model").state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

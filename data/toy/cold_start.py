@@ -84,7 +84,7 @@ class Images:
         """The data_root-relative path of img saved as out_dir/images/{name}.png (one file per name)."""
         if name not in self.saved:
             path = os.path.join(out_dir, "images", f"{name}.png")
-            img.save(path)
+            img.save(path, compress_level=1)  # ~21k small images: fast deflate, not the smallest files
             self.saved[name] = os.path.relpath(path, data_root)
         return self.saved[name]
 
@@ -327,6 +327,7 @@ def main():
         pool_file = common.resolve_path(f"cand_pool/train/{tag}_cand_pool.jsonl", data_root)
         pools[str(dataset_id)] = common.read_jsonl(pool_file)
     index = {d: ({c["did"]: c for c in pool}, {c["img_path"]: c for c in pool}) for d, pool in pools.items()}
+    families = {d: [family(c) for c in pool] for d, pool in pools.items()}  # computed once, not per query
     if 0 < n_train_queries < len(queries):
         queries = [queries[i] for i in sorted(rng.sample(range(len(queries)), n_train_queries))]
     images = Images()
@@ -336,16 +337,16 @@ def main():
     no_tool = set(rng.sample(range(len(queries)), round(no_tool_fraction * len(queries))))
     records, n_filtered = [], 0
     for i, q in enumerate(queries):
-        pool = pools[q["qid"].split(":")[0]]
+        pool, fams = pools[q["qid"].split(":")[0]], families[q["qid"].split(":")[0]]
         by_did, by_path = index[q["qid"].split(":")[0]]
         pos = by_did[q["pos_cand_list"][0]]
         ref = by_path[q["query_img_path"]] if q.get("query_img_path") else None
-        fam = [c for c in pool if family(c) == family(pos)]
+        fam = [c for c, f in zip(pool, fams) if f == family(pos)]
         if i in no_tool:
-            others = [c for c in pool if family(c) != family(pos)]
+            others = [c for c, f in zip(pool, fams) if f != family(pos)]
             cands = [pos] + rng.sample(others, window - 1)
         else:
-            near = [c for c in pool if sum(a != b for a, b in zip(family(c), family(pos))) == 1]
+            near = [c for c, f in zip(pool, fams) if sum(a != b for a, b in zip(f, family(pos))) == 1]
             rng.shuffle(fam)  # the family first, as stage 0 ranks it (its top 4 is the family for every toy query)
             cands = fam + rng.sample(near, window - len(fam))
         if i in no_tool:
