@@ -59,6 +59,7 @@ min_lr_frac = 0.0          # cosine decays to learning_rate * min_lr_frac
 warmup_frac = 0.1
 weight_decay = 0.0
 grad_clip = 1.0
+stop_loss = 0.0            # stop early once the mean loss of the last 25 steps is below this (0 = never)
 freeze_vision = True       # vision tower and projector frozen (the release's setting)
 vision_lr_mult = 1.0       # when trained: the vision tower's lr multiplier (a from-scratch tower learns slowly)
 grad_checkpointing = False
@@ -204,7 +205,7 @@ def shard(model, world_size):
     return model
 
 
-def save_checkpoint(model, processor, optimizer, step, path, world_size):
+def save_checkpoint(model, processor, optimizer, step, path, world_size, stopped_at=None):
     """HF-format model (full state dict) and the optimizer state, written by rank 0."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -214,7 +215,7 @@ def save_checkpoint(model, processor, optimizer, step, path, world_size):
         model.save_pretrained(path, state_dict=model_state)
         processor.save_pretrained(path)
         common.atomic_write(os.path.join(path, "trainer_state.pt"), lambda f: torch.save(
-            {"step": step, "optimizer": optim_state}, f), mode="wb")
+            {"step": step, "stopped_at": stopped_at, "optimizer": optim_state}, f), mode="wb")
     if world_size > 1:
         dist.barrier()
 
@@ -243,13 +244,13 @@ def train(model, processor, examples, out_path, rank, world_size, device):
         raise ValueError(f"{len(examples)} examples make {len(micro)} micro-batches, fewer than one step needs ({per_step})")
     total_steps = max(1, int(epochs * steps_per_epoch))
     warmup = max(1, int(warmup_frac * total_steps))
-    start = 0
+    start, stopped_at = 0, None
     state_path = os.path.join(out_path, "trainer_state.pt")
     if resume and os.path.exists(state_path):
         state = torch.load(state_path, weights_only=False)
         set_optimizer_state_dict(model, optimizer, state["optimizer"],
                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        start = state["step"]
+        start, stopped_at = state["step"], state.get("stopped_at")
         print0(f"resuming from step {start} of {total_steps}")
     image_token_id = model.config.image_token_id
     pad_id = processor.tokenizer.pad_token_id
@@ -283,12 +284,20 @@ def train(model, processor, examples, out_path, rank, world_size, device):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(step_loss / max(1, n_tokens.item()))
-        if step % log_every == 0 or step == total_steps - 1:
+        # the loss is global (all-reduced), so every rank stops at the same step
+        stop = stop_loss > 0 and len(losses) >= 25 and sum(losses[-25:]) / 25 < stop_loss
+        if step % log_every == 0 or step == total_steps - 1 or stop:
             print0(f"step {step:5d}/{total_steps} | loss {losses[-1]:.4f} | grad norm {float(norm):.3f} | "
                    f"lr {lr:.2e} | {time.time() - t0:.0f}s")
+        if stop:
+            print0(f"mean loss of the last 25 steps {sum(losses[-25:]) / 25:.4f} < stop_loss={stop_loss}: "
+                   f"stopped after step {step + 1} of {total_steps}")
+            stopped_at = step + 1
+            break
         if save_every and (step + 1) % save_every == 0 and step + 1 < total_steps:
             save_checkpoint(model, processor, optimizer, step + 1, out_path, world_size)
-    save_checkpoint(model, processor, optimizer, total_steps, out_path, world_size)
+    # an early stop is saved as the whole run done (a rerun resumes to nothing), with where it stopped beside it
+    save_checkpoint(model, processor, optimizer, total_steps, out_path, world_size, stopped_at)
     print0(f"saved {out_path}")
     return losses
 

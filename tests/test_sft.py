@@ -202,3 +202,19 @@ def test_thread_count_does_not_change_the_trained_weights(toy_data, sft_data, tm
         assert out.returncode == 0, out.stderr[-3000:]
         weights.append(common.load_model(f"{tmp_path}/t{threads}/model").state_dict())
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_stop_loss_ends_training_early_and_a_rerun_adds_nothing(toy_data, sft_data, tmp_path):
+    """stop_loss ends the run once the mean loss of the last 25 steps is below it; the checkpoint says where,
+    and a rerun (resume) trains no further."""
+    args = [f"--data_root={toy_data}", f"--sft_data={sft_data}", f"--tokenizer_dir={toy_data}/tokenizer",
+            f"--out_dir={tmp_path}", "--epochs=100", "--batch_size=2", "--learning_rate=3e-3", "--warmup_frac=0.05",
+            "--log_every=1000", "--stop_loss=1.0"] + TINY
+    run_stage("sft", args)
+    state = torch.load(tmp_path / "model/trainer_state.pt", weights_only=False)
+    assert 25 <= state["stopped_at"] < state["step"]
+    before = common.load_model(str(tmp_path / "model")).state_dict()
+    run_stage("sft", args)
+    after = common.load_model(str(tmp_path / "model")).state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.load(tmp_path / "model/trainer_state.pt", weights_only=False)["stopped_at"] == state["stopped_at"]
