@@ -129,10 +129,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_sft(args, nproc):
+def run_sft(args, nproc, threads=1):
     cmd = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
            if nproc > 1 else [sys.executable]) + [os.path.join(REPO, "sft.py")] + args
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     return out.stdout
@@ -196,10 +196,7 @@ def test_thread_count_does_not_change_the_trained_weights(toy_data, sft_data, tm
             "--epochs=2", "--batch_size=2", "--learning_rate=1e-3", "--freeze_vision=True"] + TINY
     weights = []
     for threads in (1, 2):
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-        cmd = [sys.executable, "sft.py"] + args + [f"--out_dir={tmp_path}/t{threads}"]
-        out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-        assert out.returncode == 0, out.stderr[-3000:]
+        run_sft(args + [f"--out_dir={tmp_path}/t{threads}"], 1, threads)
         weights.append(common.load_model(f"{tmp_path}/t{threads}/model").state_dict())
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
