@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import common
-import rollout
+import task
 from engine import Engine
 from configurator import configure
 
@@ -60,7 +60,7 @@ def toy_engine():
 def toy_prompt(engine, n_images, side, text):
     rng = np.random.default_rng(seed)
     images = [Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)) for _ in range(n_images)]
-    messages = rollout.build_messages(text, False, "", [""] * n_images, [True] * n_images, False)
+    messages = task.build_messages(text, False, "", [""] * n_images, [True] * n_images, False)
     return {"messages": messages, "prompt_images": images, "tool_images": [None] + images}
 
 
@@ -123,7 +123,7 @@ def bench_prompt():
     reply += " So candidate 1 is the match.</think>\n<answer>[1, 2, 3, 4, 5]</answer><|im_end|>"
     rng = np.random.default_rng(seed)
     images = [Image.fromarray(rng.integers(0, 255, (28, 28, 3), dtype=np.uint8)) for _ in range(5)]
-    messages = rollout.build_messages("an orange disc with a checkered tag", False, "Find it.", [""] * 5, [True] * 5, True)
+    messages = task.build_messages("an orange disc with a checkered tag", False, "Find it.", [""] * 5, [True] * 5, True)
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + reply
     as_one = tok(text, add_special_tokens=False)["input_ids"]
     spelled = []
@@ -133,7 +133,7 @@ def bench_prompt():
 
     def step(ids):
         examples = [{"input_ids": ids, "loss_mask": [1] * len(ids), "images": images}] * train_batch
-        batch = sft.collate(examples, processor, model.config.image_token_id, tok.pad_token_id)
+        batch = common.collate(examples, processor, model.config.image_token_id, tok.pad_token_id)
         loss, n = sft.token_loss_sum(model, batch, "cpu")
         (loss / n).backward()
         model.zero_grad(set_to_none=True)

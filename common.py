@@ -37,6 +37,26 @@ ARCHS = {
     "qwen3_vl": (Qwen3VLForConditionalGeneration, Qwen3VLConfig, 16),
 }
 MERGE = 2  # 2x2 vision patches are merged into one LLM token in every Qwen-VL
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+# the 16 M-BEIR task/dataset pairs the paper averages (docs/spec.md §7), each searched in its local pool
+MBEIR_TEST = ["visualnews_task0", "mscoco_task0", "fashion200k_task0", "webqa_task1", "edis_task2", "webqa_task2",
+              "visualnews_task3", "mscoco_task3", "fashion200k_task3", "nights_task4", "oven_task6", "infoseek_task6",
+              "fashioniq_task7", "cirr_task7", "oven_task8", "infoseek_task8"]
+
+
+def mbeir_files(kind, names=MBEIR_TEST):
+    """Comma-joined M-BEIR test file paths, relative to the M-BEIR root: kind is query, pool or qrels."""
+    pattern = {"query": "query/test/mbeir_{}_test.jsonl", "pool": "cand_pool/local/mbeir_{}_cand_pool.jsonl",
+               "qrels": "qrels/test/mbeir_{}_test_qrels.txt"}[kind]
+    return ",".join(pattern.format(name) for name in names)
+
+
+def torch_dtype(name):
+    """The torch dtype of a dtype setting, or an error naming the setting."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype={name!r}: expected one of {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 # -----------------------------------------------------------------------------
 # distributed: a handful of visible lines, torchrun sets the environment
@@ -224,8 +244,79 @@ def make_processor(tokenizer, patch_size=14, min_pixels=28 * 28, max_pixels=1024
 
 def load_processor(path, min_pixels, max_pixels):
     """Processor for a local model or tokenizer directory; pixel limits are always explicit."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"processor {path!r}: no such local directory (nothing is ever downloaded)")
     tokenizer = AutoTokenizer.from_pretrained(path)
     return make_processor(tokenizer, model_patch_size(path), min_pixels, max_pixels)
+
+# -----------------------------------------------------------------------------
+# training: batches, FSDP2 sharding and checkpoints, shared by sft.py, rsft.py and grpo.py
+
+def collate(examples, processor, image_token_id, pad_id):
+    """Right-padded batch with pixel values; a batch without images gets a dummy one (mask 0). An example's
+    images are (path, (w, h)) views (sft.render) or images already at their size (the engine's trajectories)."""
+    views = [v for ex in examples for v in ex["images"]]
+    ids = [list(ex["input_ids"]) for ex in examples]
+    masks = [list(ex["loss_mask"]) for ex in examples]
+    factor = processor.image_processor.patch_size * processor.image_processor.merge_size
+    images = [v if isinstance(v, Image.Image) else load_view(*v) for v in views]
+    if not images:  # FSDP: every rank must run the vision tower in every step (docs/spec.md §8)
+        images = [Image.new("RGB", (factor, factor))]
+        dummy = processor.tokenizer("<|vision_start|><|image_pad|><|vision_end|>", add_special_tokens=False)["input_ids"]  # 1 token
+        ids[0] += dummy
+        masks[0] += [0] * len(dummy)
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    attn = torch.zeros(len(ids), width, dtype=torch.long)
+    loss_mask = torch.zeros(len(ids), width, dtype=torch.long)
+    for b, (x, m) in enumerate(zip(ids, masks)):
+        input_ids[b, :len(x)] = torch.tensor(x)
+        attn[b, :len(x)] = 1
+        loss_mask[b, :len(m)] = torch.tensor(m)
+    pixels = processor.image_processor(images=images, return_tensors="pt")
+    return {"input_ids": input_ids, "attention_mask": attn, "loss_mask": loss_mask,
+            "mm_token_type_ids": (input_ids == image_token_id).long(),
+            "pixel_values": pixels["pixel_values"], "image_grid_thw": pixels["image_grid_thw"]}
+
+
+def load_view(path, size):
+    img = load_image(path)
+    return img if img.size == tuple(size) else img.resize(tuple(size), Image.BICUBIC)
+
+
+def shard(model, world_size):
+    """FSDP2 under torchrun: the vision tower, each decoder layer, then the root; one process keeps the plain model."""
+    if world_size == 1:
+        return model
+    from torch.distributed.fsdp import fully_shard
+    fully_shard(model.model.visual)  # its own unit: a frozen tower never shares a parameter group with trained weights
+    for layer in model.model.language_model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def save_checkpoint(model, processor, optimizer, step, path, world_size, stopped_at=None):
+    """HF-format model (full state dict) and the optimizer state, written by rank 0."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=options)
+    if is_rank0():
+        model.save_pretrained(path, state_dict=model_state)
+        processor.save_pretrained(path)
+        atomic_write(os.path.join(path, "trainer_state.pt"), lambda f: torch.save(
+            {"step": step, "stopped_at": stopped_at, "optimizer": optim_state}, f), mode="wb")
+    if world_size > 1:
+        dist.barrier()
+
+
+def load_trainer_state(model, optimizer, path):
+    """Restore the optimizer from {path}/trainer_state.pt; returns the state dict (step, stopped_at, ...)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return state
 
 # -----------------------------------------------------------------------------
 # models
@@ -241,7 +332,15 @@ def attn_implementation():
     return "sdpa"
 
 
+def check_local_dir(path, what="model"):
+    """A checkpoint is a local directory: a missing one is an error naming it (nothing is ever downloaded)."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{what} {path!r}: no such local checkpoint directory (with a config.json); "
+                                "checkpoints load from local paths only, nothing is downloaded")
+
+
 def model_type(path):
+    check_local_dir(path)
     with open(os.path.join(path, "config.json")) as f:
         mt = json.load(f).get("model_type")
     if mt not in ARCHS:

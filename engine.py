@@ -13,7 +13,7 @@ How the engine works (Engine.generate):
   with its pixel values; chunks are right-padded to the longest in the step, so splicing rows and
   decoding rows share the step and the pad slots stay masked in the cache for good. Finished rows
   leave the batch at once, so nobody waits on them.
-- positions are explicit M-RoPE ids (REFERENCE §8): a chunk's positions are computed on the chunk alone
+- positions are explicit M-RoPE ids (docs/spec.md §8): a chunk's positions are computed on the chunk alone
   and shifted to the row's next free position; leaving them to the model is silently wrong.
 - vision/pad tokens can never be sampled; a row ends at <|im_end|>/EOS, when it makes a call past
   max_calls (the call is run and recorded, nothing more is generated: no answer), or at its token budget.
@@ -28,30 +28,9 @@ import torch
 
 import common
 import tools
+from task import parse_answer
 
 VISION_TOKENS = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>"]
-
-
-def parse_answer(text):
-    """The first <answer>[...]</answer> as a list of ints, or None if there is none or it does not parse."""
-    start = text.find("<answer>")
-    end = text.find("</answer>", start)
-    if start < 0 or end < 0:
-        return None
-    body = text[start + len("<answer>"):end].strip()
-    if not (body.startswith("[") and body.endswith("]")):
-        return None
-    try:
-        return [int(x) for x in body[1:-1].split(",") if x.strip()]
-    except ValueError:
-        return None
-
-
-def is_well_formed(text):
-    """<think>...</think> then <answer>[ints]</answer> (the full format reward's condition)."""
-    think = text.find("<think>")
-    end = text.find("</think>", think)
-    return think >= 0 and end >= 0 and text.find("<answer>", end) >= 0 and parse_answer(text[end:]) is not None
 
 
 def mrope_positions(ids, image_grid_thw, image_token_id, start, merge=common.MERGE):
@@ -98,7 +77,7 @@ class Row:
 class Engine:
     """Generation with tool calls for one model + processor (nanochat's engine, for a VLM with tools)."""
 
-    def __init__(self, model, processor, use_tools=True, max_calls=2, tool_min_pixels=3136, tool_max_pixels=12544):
+    def __init__(self, model, processor, use_tools=True, max_calls=2, tool_min_pixels=3136, tool_max_pixels=2000000):
         self.model, self.processor, self.tok = model, processor, processor.tokenizer
         self.use_tools, self.max_calls = use_tools, max_calls
         self.tool_min_pixels, self.tool_max_pixels = tool_min_pixels, tool_max_pixels

@@ -1,6 +1,7 @@
 """
 Score a ranked JSONL file against M-BEIR-format qrels: print a markdown table and write metrics.json.
 
+    python evaluate.py --ranked=out/mbeir/rerank/reranked.jsonl     # the 16 M-BEIR test sets' qrels by default
     python evaluate.py config/toy.py
     python evaluate.py --ranked=out/toy/ranked_test.jsonl --qrels=data/toy/qrels/test/mbeir_toyt2i_task0_test_qrels.txt,data/toy/qrels/test/mbeir_toycir_task7_test_qrels.txt --out=out/toy/metrics.json
     python evaluate.py --ranked=out/toy/ranked_test.jsonl --qrels=data/toy/qrels/test/mbeir_toyt2i_task0_test_qrels.txt --map_ks=5,10
@@ -19,8 +20,8 @@ import os
 import common
 
 # ---- config
-ranked = ""            # ranked JSONL (qid, cands best first, scores)
-qrels = ""             # comma-separated qrels files; each file (and task_id within it) is one group
+ranked = "out/mbeir/ranked_test.jsonl"  # ranked JSONL (qid, cands best first, scores)
+qrels = ",".join("data/mbeir/" + f for f in common.mbeir_files("qrels").split(","))  # each file (and task_id in it) is one group
 out = ""               # metrics.json path ('' = next to ranked as metrics.json)
 recall_k = 5           # M-BEIR Recall@k cut-off (hit rate) used unless an override matches
 recall_k_overrides = "fashion200k:10,fashioniq:10"  # dataset-name substrings with their own cut-off

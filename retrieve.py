@@ -6,8 +6,8 @@ pool_files are paired: the i-th query file is searched in the i-th pool file (a 
 Embeddings come from embed.py ({emb_dir}/{name}.npy and {name}.ids.json, name = file name without
 .jsonl). Similarity is the inner product of L2-normalised vectors (faiss IndexFlatIP, exact).
 
+    python retrieve.py                     # the 16 M-BEIR test sets, embeddings from out/mbeir/embed/emb
     python retrieve.py config/toy.py
-    python retrieve.py --emb_dir=out/mbeir/emb --query_files=... --pool_files=... --top_k=50 --out=out/mbeir/ranked.jsonl
 
 Writes one JSON line per query, best first: {"qid", "task_id", "cands": [did...], "scores": [...]},
 and reports (never silently drops) queries whose positives are not in their pool.
@@ -22,12 +22,12 @@ import common
 from configurator import configure
 
 # -----------------------------------------------------------------------------
-data_root = "data/toy"   # the file lists below are relative to it
-query_files = "query/test/mbeir_toyt2i_task0_test.jsonl,query/test/mbeir_toycir_task7_test.jsonl"
-pool_files = "cand_pool/test/mbeir_toyt2i_task0_test_cand_pool.jsonl,cand_pool/test/mbeir_toycir_task7_test_cand_pool.jsonl"
-emb_dir = "out/toy/embed/emb"  # embed.py's output
+data_root = "data/mbeir"  # the file lists below are relative to it
+query_files = common.mbeir_files("query")  # the i-th query file is searched in ...
+pool_files = common.mbeir_files("pool")    # ... the i-th pool file
+emb_dir = "out/mbeir/embed/emb"  # embed.py's output
 top_k = 50               # candidates kept per query (M-BEIR reranking depth 50)
-ranked = "out/toy/ranked_test.jsonl"  # output ranked JSONL
+ranked = "out/mbeir/ranked_test.jsonl"  # output ranked JSONL
 # -----------------------------------------------------------------------------
 
 
@@ -56,6 +56,8 @@ def main():
         p_emb, p_ids = load_embeddings(name(pf))
         if q_ids != [q["qid"] for q in queries]:
             raise ValueError(f"{emb_dir}/{name(qf)}.ids.json does not match {qf}: re-run embed.py")
+        if not len(p_ids):
+            raise ValueError(f"{pf}: the pool is empty, there is nothing to retrieve for {qf}")
         scores, indices = search(q_emb, p_emb, top_k)
         pool = set(p_ids)
         for q, row_scores, row_idx in zip(queries, scores, indices):

@@ -53,14 +53,18 @@ TOOL_SPECS = [
 ]
 
 
-def tools_prompt():
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
+
+
+def tools_prompt(max_calls=2):
     """The tools block of the system prompt: specs between <tools> tags, the call format, the budget."""
     specs = "\n".join(json.dumps(s) for s in TOOL_SPECS)
+    budget = f"At most {NUMBER_WORDS.get(max_calls, max_calls)} tool call{'s' * (max_calls != 1)} in total, one per turn."
     return ("# Tools\n\nYou may call these functions to inspect images (0 is the query image, i is candidate i):\n"
             f"<tools>\n{specs}\n</tools>\n\n"
             "To call one, write a JSON object with its name and arguments inside <tool_call></tool_call> tags:\n"
             '<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>\n'
-            "At most two tool calls in total, one per turn.")
+            + budget)
 
 
 @dataclass
@@ -188,13 +192,13 @@ def crop_box(bbox, width, height):
     return left, top, right, bottom
 
 
-def crop_image(img, bbox, min_pixels=4 * 28 * 28, max_pixels=112 * 112, factor=28):
+def crop_image(img, bbox, min_pixels, max_pixels, factor=28):
     """The padded crop of bbox (normalised or pixels), resized Qwen-style."""
     img = to_rgb(img)
     return qwen_resize(img.crop(crop_box(bbox, img.width, img.height)), min_pixels, max_pixels, factor)
 
 
-def select_images(images, indices, min_pixels=4 * 28 * 28, max_pixels=112 * 112, factor=28):
+def select_images(images, indices, min_pixels, max_pixels, factor=28):
     """images[i] for each index, in order, resized Qwen-style (1 to 4 distinct existing indices)."""
     if not isinstance(indices, (list, tuple)) or not 1 <= len(indices) <= MAX_SELECT:
         raise ValueError(f"target_images must be a list of 1 to {MAX_SELECT} image indices")
@@ -211,7 +215,7 @@ def _size(img):
     return f"{img.width}x{img.height}"
 
 
-def execute_tool_call(text, images, min_pixels=4 * 28 * 28, max_pixels=112 * 112, factor=28):
+def execute_tool_call(text, images, min_pixels, max_pixels, factor=28):
     """Parse the first tool call of a turn and run it on images (0 = query, i = candidate i, None = no image)."""
     name, args, error = parse_tool_call(text)
     if error is None:

@@ -4,6 +4,7 @@ The trajectory viewer: the trajectories.jsonl that rollout.py writes, as ONE sel
 so the candidates that recur across windows are not repeated) to read what the reranker saw, wrote,
 called and answered.
 
+    python viewer.py --trajectories=out/mbeir/rerank/trajectories.jsonl --out=out/mbeir/viewer.html
     python viewer.py config/toy.py --trajectories=out/toy/rerank_grpo/trajectories.jsonl --out=out/toy/viewer_grpo.html --max_queries=50
 
 One section per trajectory (one window of one query): the query (instruction, text, image), the window's
@@ -18,20 +19,19 @@ import io
 import json
 
 import common
-import grpo
-import rollout
+import task
 from configurator import configure
 
 # -----------------------------------------------------------------------------
-data_root = "data/toy"     # candidate and query image paths and the file lists below are relative to it
-query_files = "query/test/mbeir_toyt2i_task0_test.jsonl,query/test/mbeir_toycir_task7_test.jsonl"
-pool_files = "cand_pool/test/mbeir_toyt2i_task0_test_cand_pool.jsonl,cand_pool/test/mbeir_toycir_task7_test_cand_pool.jsonl"
+data_root = "data/mbeir"   # candidate and query image paths and the file lists below are relative to it
+query_files = common.mbeir_files("query")  # the files rollout.py read
+pool_files = common.mbeir_files("pool")
 instructions_file = "instructions.json"  # the instruction shown with the query, as in the prompt ('' = none)
-trajectories = "out/toy/rerank/trajectories.jsonl"  # rollout.py's output
-out = "out/toy/viewer.html"  # the page
+trajectories = "out/mbeir/rerank/trajectories.jsonl"  # rollout.py's output
+out = "out/mbeir/viewer.html"  # the page
 max_queries = 50           # the trajectories of the first this many qids, in file order (0 = all)
 thumb_size = 96            # px, displayed side of every image (small images are scaled up, pixelated)
-reward = "paper"           # paper | release: the grpo.group_rewards variant
+reward = "paper"           # paper | release: the task.group_rewards variant
 # -----------------------------------------------------------------------------
 
 REQUIRED = ("qid", "window", "images", "turns", "final_text", "answer", "tool_calls", "observations",
@@ -104,12 +104,10 @@ def observation_captions(call, n_images):
 
 def score(rec, query, variant):
     """(positive's 1-based index in the window or None, its rank in the answer or None, grpo reward)."""
-    positives = set(query.get("pos_cand_list") or [])
-    hits = [i for i, did in enumerate(rec["window"], 1) if did in positives]
-    positive = hits[0] if hits else None  # as grpo.py picks it
+    positive = task.positive_position(rec["window"], query.get("pos_cand_list"))  # as grpo.py picks it
     answer = rec["answer"] or []
     rank = answer.index(positive) + 1 if positive in answer else None
-    value = grpo.group_rewards([rec["final_text"]], [rec["n_valid_calls"]], positive, variant)[0]
+    value = task.group_rewards([rec["final_text"]], [rec["n_valid_calls"]], positive, variant)[0]
     return positive, rank, value
 
 
@@ -193,7 +191,7 @@ def load_trajectories(path, queries, max_queries=0):
 
 
 def main():
-    queries, pool, instructions = rollout.load_benchmark(data_root, query_files, pool_files, instructions_file)
+    queries, pool, instructions = task.load_benchmark(data_root, query_files, pool_files, instructions_file)
     records = load_trajectories(trajectories, queries, max_queries)
     page = render_html(records, queries, pool, data_root, instructions, thumb_size, reward, title=trajectories)
     common.atomic_write(out, lambda f: f.write(page))

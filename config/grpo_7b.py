@@ -1,6 +1,6 @@
-# GRPO as the V-Retrver release ran it (REFERENCE §5): Qwen2.5-VL-7B, 8 GPUs, FSDP2, bf16.
-#   torchrun --nproc_per_node=8 grpo.py config/grpo_7b.py --policy=/ckpt/V-Retrver-7B-RSFT \
-#       --data_root=/data/M-BEIR --ranked_in=out/mbeir/ranked_train.jsonl --query_files=... --pool_files=...
+# GRPO as the V-Retrver release ran it (docs/spec.md §5): Qwen2.5-VL-7B, 8 GPUs, FSDP2, bf16.
+# These are grpo.py's defaults, written out so that a run's settings can be read in one place:
+#   torchrun --nproc_per_node=8 grpo.py config/grpo_7b.py --policy=out/mbeir/rsft/model
 # Memory (per 80 GB GPU): the policy's bf16 weights, grads and fp32 AdamW state are sharded 8 ways
 # (~2 + 2 + 8 GB of ~16 + 16 + 64 GB in total for 8B parameters), but generation all-gathers the whole
 # policy on every rank (engine.unsharded: ~16 GB) plus the KV cache of its 16 prompts x 8 samples; the

@@ -1,6 +1,6 @@
-# SFT as the V-Retrver release ran it (REFERENCE §6): Qwen2.5-VL-7B-Instruct, 8 GPUs, FSDP2, bf16.
-#   torchrun --nproc_per_node=8 sft.py config/sft_7b.py --init_from=/ckpt/Qwen2.5-VL-7B-Instruct \
-#       --data_root=/data/vretrver --sft_data=sft.json
+# SFT as the V-Retrver release ran it (docs/spec.md §6): Qwen2.5-VL-7B-Instruct, 8 GPUs, FSDP2, bf16.
+# These are sft.py's defaults, written out so that a run's settings can be read in one place:
+#   torchrun --nproc_per_node=8 sft.py config/sft_7b.py --init_from=checkpoints/Qwen2.5-VL-7B-Instruct
 # Global batch 64 = 8 GPUs x batch_size 1 x grad_accum 8.
 
 epochs = 2.0

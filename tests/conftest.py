@@ -5,6 +5,7 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOY_CONFIG = os.path.join(REPO, "config", "toy.py")  # the stages' defaults are the real runs: tests start from the toy
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "data", "toy"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
-import rollout  # noqa: E402
+import task  # noqa: E402
 from engine import Engine  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
@@ -23,7 +23,7 @@ for layer in sharded.model.language_model.layers:
     fully_shard(layer)
 fully_shard(sharded)
 images = [common.qwen_resize(common.load_image(f"{toy_data}/images/test/pool/{i}.png"), 784, 784) for i in range(3)]
-prompt = {"messages": rollout.build_messages(f"query of rank {rank}", False, "", [""] * 3, [True] * 3, False),
+prompt = {"messages": task.build_messages(f"query of rank {rank}", False, "", [""] * 3, [True] * 3, False),
           "prompt_images": images, "tool_images": [None] + images}
 new_tokens = 4 if rank == 0 else 25  # ranks generate different lengths
 results = []

@@ -8,7 +8,7 @@ import torch
 
 import common
 import prepare
-import rollout
+import task
 from engine import parse_answer
 from conftest import run_stage
 
@@ -160,10 +160,10 @@ def test_trajectories(sft, bench):
         has_q = q["query_img_path"] is not None
         cands = [by_path[p] for p in r["images"][int(has_q):int(has_q) + 5]]  # window from the image paths
         assert [c["did"] for c in cands] == r["cands"]
-        messages = rollout.build_messages(q["query_txt"], has_q, common.pick_instruction(instructions, q["qid"]),
+        messages = task.build_messages(q["query_txt"], has_q, common.pick_instruction(instructions, q["qid"]),
                                           [""] * 5, [True] * 5, True)
         turns = r["conversations"]
-        assert turns[:2] == rollout.to_sharegpt(messages)
+        assert turns[:2] == task.to_sharegpt(messages)
         assert r["images"][:int(has_q)] == ([q["query_img_path"]] if has_q else [])
         assert r["image_sizes"][:int(has_q) + 5] == [[28, 28]] * (int(has_q) + 5)
         # the positive, recomputed from the pool attributes (query text + family)

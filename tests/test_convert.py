@@ -11,7 +11,7 @@ from PIL import Image
 
 import common
 import evaluate
-import rollout
+import task
 from configurator import configure
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,7 +122,7 @@ def write_with_main(tmp_path, monkeypatch, parquet_path, rows=None):
 
 
 def check_outputs(out, rows, name):
-    queries, pool, instructions = rollout.load_benchmark(
+    queries, pool, instructions = task.load_benchmark(
         str(out), f"query/{name}.jsonl", f"cand_pool/{name}_cand_pool.jsonl", "instructions.json")
     assert instructions == {"9": [""]} and common.pick_instruction(instructions, "9:17") == ""
     ranked = evaluate.load_ranked(str(out / "ranked" / f"{name}.jsonl"))
@@ -135,7 +135,7 @@ def check_outputs(out, rows, name):
         assert positives[r["qid"]] == {pos} and queries[r["qid"]]["pos_cand_list"] == [pos]
         assert all(d in pool for d in r["cands"])
         # the records feed the rollout's prompt builder as they are
-        prompt = rollout.window_prompt(queries[r["qid"]], [pool[d] for d in r["cands"]], instructions,
+        prompt = task.window_prompt(queries[r["qid"]], [pool[d] for d in r["cands"]], instructions,
                                        lambda p: Image.new("RGB", (56, 56)), True, 784, 784, 28)
         text = "".join(p.get("text", "") for p in prompt["messages"][1]["content"])
         assert row["extra_info"]["query_text"] in text

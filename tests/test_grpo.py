@@ -11,8 +11,9 @@ import torch
 
 import common
 import grpo
+import task
 from configurator import configure
-from conftest import REPO, run_stage
+from conftest import REPO, TOY_CONFIG, run_stage
 from test_rollout import setup
 from test_sft import free_port
 
@@ -21,21 +22,21 @@ GOOD = "<think>(2) has the checks</think>\n<answer>[2, 1, 3]</answer>"
 
 # ---- rewards ----------------------------------------------------------------------------------------
 def test_format_reward():
-    assert grpo.format_reward(GOOD) == 1.0
-    assert grpo.format_reward("<think>x</think> then <answer>two, one</answer>") == 0.5  # not a list of ints
-    assert grpo.format_reward("<answer>[1, 2]</answer>") == 0.0  # no reasoning block
-    assert grpo.format_reward("<think>x</think>\n<tool_call>\n{}\n</tool_call>") == 0.0  # stopped at a call
-    assert grpo.format_reward("<answer>[1]</answer><think>x</think>") == 0.0  # wrong order
+    assert task.format_reward(GOOD) == 1.0
+    assert task.format_reward("<think>x</think> then <answer>two, one</answer>") == 0.5  # not a list of ints
+    assert task.format_reward("<answer>[1, 2]</answer>") == 0.0  # no reasoning block
+    assert task.format_reward("<think>x</think>\n<tool_call>\n{}\n</tool_call>") == 0.0  # stopped at a call
+    assert task.format_reward("<answer>[1]</answer><think>x</think>") == 0.0  # wrong order
 
 
 def test_rank_reward():
-    assert grpo.rank_reward(1) == 1.0
-    assert grpo.rank_reward(2) == pytest.approx(0.6065, abs=1e-4)
-    assert grpo.rank_reward(3) == pytest.approx(0.1353, abs=1e-4)
-    assert grpo.rank_reward(None) == 0.0
-    assert grpo.rank_reward(6, cutoff=5) == 0.0 and grpo.rank_reward(6) == pytest.approx(math.exp(-12.5))
-    assert grpo.positive_rank(GOOD, 1) == 2 and grpo.positive_rank(GOOD, 7) is None
-    assert grpo.positive_rank("<think>x</think><answer>[3, 3, 1]</answer>", 3) == 1  # first occurrence
+    assert task.rank_reward(1) == 1.0
+    assert task.rank_reward(2) == pytest.approx(0.6065, abs=1e-4)
+    assert task.rank_reward(3) == pytest.approx(0.1353, abs=1e-4)
+    assert task.rank_reward(None) == 0.0
+    assert task.rank_reward(6, cutoff=5) == 0.0 and task.rank_reward(6) == pytest.approx(math.exp(-12.5))
+    assert task.positive_rank(GOOD, 1) == 2 and task.positive_rank(GOOD, 7) is None
+    assert task.positive_rank("<think>x</think><answer>[3, 3, 1]</answer>", 3) == 1  # first occurrence
 
 
 def test_paper_reward_on_hand_made_group():
@@ -43,12 +44,12 @@ def test_paper_reward_on_hand_made_group():
     calls = [1, 0, 3, 1, 2]
     # 0.2 fmt + 0.8 rank + 0.2 [k=1 and a valid call] - 0.1 (calls - 1)+
     expected = [0.2 + 0.8 + 0.2, 0.2 + 0.8, 0.2 + 0.8 * math.exp(-0.5) - 0.2, 0.0 - 0.0, 0.2 + 0.8 + 0.2 - 0.1]
-    assert grpo.group_rewards(texts, calls, 2, "paper") == pytest.approx(expected)
+    assert task.group_rewards(texts, calls, 2, "paper") == pytest.approx(expected)
     # the text-only ablation drops the tool terms
-    assert grpo.group_rewards(texts, calls, 2, "paper", tools_on=False) == pytest.approx([1.0, 1.0, 0.2 + 0.8 * math.exp(-0.5), 0.0, 1.0])
+    assert task.group_rewards(texts, calls, 2, "paper", tools_on=False) == pytest.approx([1.0, 1.0, 0.2 + 0.8 * math.exp(-0.5), 0.0, 1.0])
     # the paper's rank term is 0 beyond k = 5
     far = "<think>x</think><answer>[1, 2, 3, 4, 5, 6]</answer>"
-    assert grpo.group_rewards([far], [0], 6, "paper") == pytest.approx([0.2])
+    assert task.group_rewards([far], [0], 6, "paper") == pytest.approx([0.2])
 
 
 def test_release_reward_on_hand_made_groups():
@@ -56,15 +57,15 @@ def test_release_reward_on_hand_made_groups():
     # 2 of 4 made a valid call: group tool rate 0.5 < 0.6, curiosity 0.6 * 0.1 = 0.06 for them
     calls = [1, 0, 3, 0]
     expected = [0.3 + 0.7 + 0.06, 0.3 + 0.7, 0.3 + 0.7 * math.exp(-0.5) + 0.06 - 0.05 * 2, 0.0]
-    assert grpo.group_rewards(texts, calls, 2, "release") == pytest.approx(expected)
+    assert task.group_rewards(texts, calls, 2, "release") == pytest.approx(expected)
     # tool rate 0.75 >= 0.6: no curiosity bonus
-    assert grpo.group_rewards(texts, [1, 1, 1, 0], 2, "release") == pytest.approx([1.0, 1.0, 0.3 + 0.7 * math.exp(-0.5), 0.0])
+    assert task.group_rewards(texts, [1, 1, 1, 0], 2, "release") == pytest.approx([1.0, 1.0, 0.3 + 0.7 * math.exp(-0.5), 0.0])
     # clipped to [-0.5, 1.5]; no k > 5 cut-off in the release
-    assert grpo.group_rewards(["<think>x</think>"] * 2, [40, 0], 1, "release") == pytest.approx([-0.5, 0.0])
+    assert task.group_rewards(["<think>x</think>"] * 2, [40, 0], 1, "release") == pytest.approx([-0.5, 0.0])
     far = "<think>x</think><answer>[1, 2, 3, 4, 5, 6]</answer>"
-    assert grpo.group_rewards([far], [0], 6, "release", tools_on=False) == pytest.approx([0.3 + 0.7 * math.exp(-12.5)])
+    assert task.group_rewards([far], [0], 6, "release", tools_on=False) == pytest.approx([0.3 + 0.7 * math.exp(-12.5)])
     with pytest.raises(ValueError, match="reward"):
-        grpo.group_rewards([GOOD], [0], 2, "papr")
+        task.group_rewards([GOOD], [0], 2, "papr")
 
 
 # ---- advantages and loss ----------------------------------------------------------------------------
@@ -141,8 +142,8 @@ def test_one_step_with_two_ranks_equals_one_rank(toy_data, tmp_path):
         results.append(torch.load(out / "result.pt", weights_only=False))
     one, two = results[0]["state"], results[1]["state"]
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
-    assert torch.allclose(results[0]["sums"], results[1]["sums"], rtol=1e-4, atol=1e-6)
-    assert results[0]["sums"][2] > 0  # the second epoch clipped some tokens: the ratio was live
+    assert results[0]["sums"] == pytest.approx(results[1]["sums"], rel=1e-4, abs=1e-6)
+    assert results[0]["sums"]["clipped"] > 0  # the second epoch clipped some tokens: the ratio was live
 
 
 def test_training_logprobs_are_the_samplers_distribution(tokenizer, toy_data):
@@ -154,7 +155,7 @@ def test_training_logprobs_are_the_samplers_distribution(tokenizer, toy_data):
     with torch.no_grad():
         model.lm_head.weight.mul_(10)  # a peaked next-token distribution, so temperature matters
         traj = engine.generate([prompt], n_samples=1, temperature=0.5, max_new_tokens=4, seed=0)[0]
-        batch = grpo.sft.collate([{"input_ids": traj["input_ids"], "loss_mask": traj["loss_mask"], "images": traj["images"]}],
+        batch = common.collate([{"input_ids": traj["input_ids"], "loss_mask": traj["loss_mask"], "images": traj["images"]}],
                                  engine.processor, model.config.image_token_id, tokenizer.pad_token_id)
         t = traj["loss_mask"].index(1)  # the first generated token, predicted from position t - 1
         token = traj["input_ids"][t]
@@ -191,10 +192,11 @@ def test_micro_run_raises_an_easy_synthetic_reward(tokenizer, toy_data):
                                 for t in trajs]).view(2, 8)
         means.append(rewards.mean().item())
         examples = [{"input_ids": t["input_ids"], "loss_mask": t["loss_mask"], "images": t["images"]} for t in trajs]
-        batches = [grpo.sft.collate(examples[i:i + 8], engine.processor, model.config.image_token_id,
+        batches = [common.collate(examples[i:i + 8], engine.processor, model.config.image_token_id,
                                     tokenizer.pad_token_id) for i in (0, 8)]
         model.train()
-        grpo.policy_update(model, optimizer, params, batches, grpo.group_advantages(rewards).flatten(), 16, 1, "cpu")
+        hp = {k: getattr(grpo, k) for k in grpo.UPDATE_KEYS}  # the script's defaults: on-policy, token mean
+        grpo.policy_update(model, optimizer, params, batches, grpo.group_advantages(rewards).flatten(), 16, hp, 1, "cpu")
     assert np.mean(means[:3]) < 0.65 and np.mean(means[-3:]) > np.mean(means[:3]) + 0.2
 
 
@@ -208,19 +210,19 @@ def grpo_setup(toy_data, tokenizer, tmp_path_factory):
     model.save_pretrained(root / "policy")
     common.make_processor(tokenizer, 14, 784, 12544).save_pretrained(root / "policy")
     rng, ranked = random.Random(0), []
-    for name, task in (("toyt2i", 0), ("toycir", 7)):
-        queries = common.read_jsonl(f"{toy_data}/query/train/mbeir_{name}_task{task}_train.jsonl")[:3]
-        pool = [c["did"] for c in common.read_jsonl(f"{toy_data}/cand_pool/train/mbeir_{name}_task{task}_train_cand_pool.jsonl")]
+    for name, task_id in (("toyt2i", 0), ("toycir", 7)):
+        queries = common.read_jsonl(f"{toy_data}/query/train/mbeir_{name}_task{task_id}_train.jsonl")[:3]
+        pool = [c["did"] for c in common.read_jsonl(f"{toy_data}/cand_pool/train/mbeir_{name}_task{task_id}_train_cand_pool.jsonl")]
         for q in queries:
             cands = [q["pos_cand_list"][0]] + rng.sample([d for d in pool if d != q["pos_cand_list"][0]], 4)
             rng.shuffle(cands)
-            ranked.append({"qid": q["qid"], "task_id": task, "cands": cands})
+            ranked.append({"qid": q["qid"], "task_id": task_id, "cands": cands})
     common.write_jsonl(root / "ranked.jsonl", ranked)
     return root
 
 
 def script_args(toy_data, root, out, steps):
-    return [f"--data_root={toy_data}", f"--policy={root}/policy", f"--ranked_in={root}/ranked.jsonl", f"--out_dir={out}",
+    return [TOY_CONFIG, f"--data_root={toy_data}", f"--policy={root}/policy", f"--ranked_train={root}/ranked.jsonl", f"--out_dir={out}",
             f"--max_steps={steps}", "--prompts_per_step=2", "--group_size=4", "--max_new_tokens=16",
             "--max_response_tokens=64", "--learning_rate=1e-3", "--warmup_steps=1", "--window=3", "--ppo_epochs=2"]
 
@@ -230,11 +232,12 @@ def run_grpo(argv):
     earns the real one, and then every advantage is 0); the reward itself is tested above."""
     module = importlib.reload(grpo)
     configure(vars(module), argv, verbose=False)
-    module.group_rewards = lambda texts, calls, positive, variant, tools_on: [len(t) % 7 / 7 for t in texts]
+    real = task.group_rewards
+    task.group_rewards = lambda texts, calls, positive, variant, tools_on: [len(t) % 7 / 7 for t in texts]
     try:
         module.main()
     finally:
-        importlib.reload(grpo)  # the real reward again for every other test
+        task.group_rewards = real  # the real reward again for every other test
 
 
 def test_script_trains_saves_and_resumes(toy_data, grpo_setup, tmp_path):

@@ -2,8 +2,10 @@ import pytest
 import torch
 
 import common
-import rollout
-from engine import Engine, mrope_positions, parse_answer
+import task
+from conftest import TOY_CONFIG
+from engine import Engine, mrope_positions
+from task import parse_answer
 
 CALL = '<tool_call>\n{"name": "crop_image", "arguments": {"bbox_2d": [0, 0, 0.4, 0.4], "target_image": 2}}\n</tool_call>'
 
@@ -14,7 +16,7 @@ def setup(arch, tokenizer, toy_data, n_cands=3, use_tools=True):
     processor = common.make_processor(tokenizer, patch, f * f, 16 * f * f)
     model = common.build_tiny_model(arch, tokenizer, seed=0).eval()
     images = [common.load_image(f"{toy_data}/images/test/pool/{i}.png") for i in range(n_cands)]
-    messages = rollout.build_messages("a red disc", False, "Find it.", [""] * n_cands, [True] * n_cands, use_tools)
+    messages = task.build_messages("a red disc", False, "Find it.", [""] * n_cands, [True] * n_cands, use_tools)
     prompt = {"messages": messages, "prompt_images": [common.qwen_resize(im, f * f, f * f, f) for im in images],
               "tool_images": [None] + images}
     engine = Engine(model, processor, use_tools=use_tools, tool_min_pixels=4 * f * f, tool_max_pixels=4 * f * f)
@@ -71,7 +73,7 @@ def test_greedy_loop_equals_hf_generate(arch, tokenizer, toy_data):
 def test_spliced_logits_equal_a_full_forward(arch, tokenizer, toy_data):
     """Rows of prompt 0 are forced to crop candidate 2, rows of prompt 1 decode freely: a mixed batch."""
     engine, prompt = setup(arch, tokenizer, toy_data)
-    other = dict(prompt, messages=rollout.build_messages("a blue disc on navy", False, "", [""] * 3, [True] * 3, True))
+    other = dict(prompt, messages=task.build_messages("a blue disc on navy", False, "", [""] * 3, [True] * 3, True))
     trajs = engine.generate([prompt, other], n_samples=2, temperature=1.0, seed=3, max_new_tokens=60,
                             logits_hook=force_call(tokenizer), keep_logits=True)
     assert [len(t["tool_calls"]) for t in trajs] == [1, 1, 0, 0]
@@ -108,7 +110,7 @@ def test_loss_mask_is_one_exactly_on_sampled_tokens(tokenizer, toy_data):
 
 def test_group_shared_prefill_equals_independent_prefills(tokenizer, toy_data):
     engine, prompt = setup("qwen2_5_vl", tokenizer, toy_data)
-    other = dict(prompt, messages=rollout.build_messages("a much longer query about a green disc", False, "",
+    other = dict(prompt, messages=task.build_messages("a much longer query about a green disc", False, "",
                                                          [""] * 3, [True] * 3, True))
     hook = force_call(tokenizer, prompts=(1,))
     shared = engine.generate([prompt, other], n_samples=3, max_new_tokens=50, logits_hook=hook)
@@ -169,17 +171,17 @@ def test_parse_answer():
 def test_merge_window_rules():
     order = ["a", "b", "c", "d", "e", "f"]
     # window over c, d, e (start 2, size 3): answer [3, 1] -> e, c, then the missing d
-    assert rollout.merge_window(order, 2, 3, [3, 1]) == ["a", "b", "e", "c", "d", "f"]
-    assert rollout.merge_window(order, 2, 3, [2, 2, 9, 0, -1, 1]) == ["a", "b", "d", "c", "e", "f"]  # dup, out of range
-    assert rollout.merge_window(order, 2, 3, None) == order  # unparsable: keep the previous order
-    assert rollout.merge_window(order, 4, 5, [2, 1]) == ["a", "b", "c", "d", "f", "e"]  # a short last window
-    assert rollout.merge_window(order, 0, 3, []) == order
+    assert task.merge_window(order, 2, 3, [3, 1]) == ["a", "b", "e", "c", "d", "f"]
+    assert task.merge_window(order, 2, 3, [2, 2, 9, 0, -1, 1]) == ["a", "b", "d", "c", "e", "f"]  # dup, out of range
+    assert task.merge_window(order, 2, 3, None) == order  # unparsable: keep the previous order
+    assert task.merge_window(order, 4, 5, [2, 1]) == ["a", "b", "c", "d", "f", "e"]  # a short last window
+    assert task.merge_window(order, 0, 3, []) == order
 
 
 def test_window_starts():
-    assert rollout.window_starts(50, 20, 10) == [30, 20, 10, 0]
-    assert rollout.window_starts(10, 20, 10) == [0]
-    assert rollout.window_starts(25, 10, 10) == [15, 5, 0]
+    assert task.window_starts(50, 20, 10) == [30, 20, 10, 0]
+    assert task.window_starts(10, 20, 10) == [0]
+    assert task.window_starts(25, 10, 10) == [15, 5, 0]
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +195,7 @@ def rerank_setup(toy_data, tokenizer, tmp_path_factory):
     ranked = [{"qid": q["qid"], "task_id": 0, "cands": [f"1:{i}" for i in range(7)] + q["pos_cand_list"],
                "scores": [1.0] * 8} for q in queries]
     common.write_jsonl(str(root / "ranked.jsonl"), ranked)
-    args = [f"--data_root={toy_data}", f"--policy={root}/policy", f"--ranked_in={root}/ranked.jsonl",
+    args = [TOY_CONFIG, f"--data_root={toy_data}", f"--policy={root}/policy", f"--ranked_in={root}/ranked.jsonl",
             "--top_n=8", "--window=4", "--stride=2", "--batch_queries=2", "--max_new_tokens=12",
             "--query_files=query/test/mbeir_toyt2i_task0_test.jsonl",
             "--pool_files=cand_pool/test/mbeir_toyt2i_task0_test_cand_pool.jsonl"]
@@ -241,8 +243,8 @@ def test_fsdp_sharded_policy_generates_without_deadlock(toy_data, tmp_path):
 
 def test_window_order_is_a_fixed_permutation():
     dids = ["a", "b", "c", "d", "e"]
-    orders = [rollout.window_order(dids, (1337, step, 0)) for step in range(20)]
+    orders = [task.window_order(dids, (1337, step, 0)) for step in range(20)]
     assert all(sorted(o) == dids for o in orders)
-    assert rollout.window_order(dids, (1337, 3, 0)) == orders[3]  # the same key, the same order (resume)
+    assert task.window_order(dids, (1337, 3, 0)) == orders[3]  # the same key, the same order (resume)
     assert len({tuple(o) for o in orders}) > 10
     assert 2 <= sum(o[0] == "a" for o in orders) <= 8  # the stage-0 top is first about 1 time in 5

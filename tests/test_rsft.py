@@ -2,9 +2,9 @@ import pytest
 import torch
 
 import common
-import rollout
+import task
 from engine import Engine
-from conftest import run_stage
+from conftest import TOY_CONFIG, run_stage
 
 TINY = ["--epochs=1", "--batch_size=2", "--learning_rate=1e-4"]
 
@@ -52,9 +52,9 @@ def test_rsft_keeps_only_well_formed_trajectories_that_rank_the_positive_first(r
              "<think>wrong</think>\n<answer>[1, 2, 3, 4, 5]</answer>",           # positive not first
              "<answer>[2, 1, 3, 4, 5]</answer>"]                                 # not well formed
     monkeypatch.setattr(Engine, "generate", forcing_generate(texts))
-    args = [f"--data_root={toy_data}", f"--policy={root}/policy", f"--ranked_in={root}/ranked.jsonl",
-            "--query_files=query/train/mbeir_toyt2i_task0_train.jsonl",
-            "--pool_files=cand_pool/train/mbeir_toyt2i_task0_train_cand_pool.jsonl",
+    args = [TOY_CONFIG, f"--data_root={toy_data}", f"--policy={root}/policy", f"--ranked_train={root}/ranked.jsonl",
+            "--train_query_files=query/train/mbeir_toyt2i_task0_train.jsonl",
+            "--train_pool_files=cand_pool/train/mbeir_toyt2i_task0_train_cand_pool.jsonl",
             "--n_samples=4", "--keep_per_query=4", "--max_new_tokens=80"] + TINY
     run_stage("rsft", args + [f"--out_dir={root}/any", "--shuffle_window=False"])
     records = common.read_jsonl(f"{root}/any/rsft_data.jsonl")
@@ -77,7 +77,7 @@ def test_rsft_keeps_only_well_formed_trajectories_that_rank_the_positive_first(r
     # forced answers (positive at 2) are right only where the shuffle put the positive second
     run_stage("rsft", args + ["--out_dir=shuffled", "--seed=9"])
     pool = {c["did"]: c for c in common.read_jsonl(f"{toy_data}/cand_pool/train/mbeir_toyt2i_task0_train_cand_pool.jsonl")}
-    orders = {r["qid"]: rollout.window_order(r["cands"], (9, i)) for i, r in enumerate(ranked)}
+    orders = {r["qid"]: task.window_order(r["cands"], (9, i)) for i, r in enumerate(ranked)}
     positives = {q["qid"]: q["pos_cand_list"][0] for q in common.read_jsonl(f"{toy_data}/query/train/mbeir_toyt2i_task0_train.jsonl")}
     second = [qid for qid, order in orders.items() if order[1] == positives[qid]]
     assert 0 < len(second) < len(ranked)  # this seed puts some positives second and not others
@@ -89,10 +89,9 @@ def test_rsft_keeps_only_well_formed_trajectories_that_rank_the_positive_first(r
 def test_rsft_records_train_with_the_sft_renderer(rsft_setup, toy_data, tokenizer):
     import sft
     root, _ = rsft_setup
-    sft.data_root = toy_data
     records = sft.load_records(f"{root}/any/rsft_data.jsonl", toy_data)
     processor = common.make_processor(tokenizer, 14, 784, 12544)
-    ex = sft.render(records[0], processor)
+    ex = sft.render(records[0], processor, toy_data, (784, 784), (3136, 12544))
     trained = tokenizer.decode([i for i, m in zip(ex["input_ids"], ex["loss_mask"]) if m])
     gpt = "".join(t["value"] + "<|im_end|>" for t in records[0]["conversations"] if t["from"] == "gpt")
     assert trained == gpt

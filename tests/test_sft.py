@@ -8,21 +8,23 @@ import torch
 
 import common
 from transformers import AutoTokenizer
-import rollout
 from engine import Engine
 import tools
-from conftest import REPO, run_stage
+import task
+from conftest import REPO, TOY_CONFIG, run_stage
 
-TINY = ["--n_layer=2", "--n_embd=64", "--n_head=2", "--n_kv_head=1", "--vision_depth=1", "--vision_hidden=32"]
+TOY_VIEWS = (784, 784), (3136, 12544)  # the toy's prompt and tool views (config/toy.py)
+
+TINY = ["--init_from=scratch", "--n_layer=2", "--n_embd=64", "--n_head=2", "--n_kv_head=1", "--vision_depth=1", "--vision_hidden=32"]
 
 
 def make_record(toy_data, out, cands=(0, 1, 2), answer="[2, 1, 3]"):
     """A real multi-turn tool-use record: prompt, a crop call, its observation, the answer."""
     images = [f"images/train/pool/{i}.png" for i in cands]
-    messages = rollout.build_messages("a red disc on navy", False, "Find it.", [""] * len(cands), [True] * len(cands), True)
-    system, human = rollout.to_sharegpt(messages)
+    messages = task.build_messages("a red disc on navy", False, "Find it.", [""] * len(cands), [True] * len(cands), True)
+    system, human = task.to_sharegpt(messages)
     call = '<think>too small</think>\n<tool_call>\n{"name": "crop_image", "arguments": {"bbox_2d": [0, 0, 0.4, 0.4], "target_image": 2}}\n</tool_call>'
-    result = tools.execute_tool_call(call, [None] + [common.load_image(os.path.join(toy_data, p)) for p in images])
+    result = tools.execute_tool_call(call, [None] + [common.load_image(os.path.join(toy_data, p)) for p in images], 3136, 12544)
     os.makedirs(out, exist_ok=True)
     crop_path = os.path.join(out, "crop.png")
     result.images[0].save(crop_path)
@@ -34,10 +36,9 @@ def make_record(toy_data, out, cands=(0, 1, 2), answer="[2, 1, 3]"):
 
 def test_loss_mask_covers_exactly_the_gpt_turns(toy_data, tokenizer, tmp_path):
     import sft
-    sft.data_root = toy_data
     record = make_record(toy_data, tmp_path)
     processor = common.make_processor(tokenizer, 14, 784, 12544)
-    ex = sft.render(record, processor)
+    ex = sft.render(record, processor, toy_data, *TOY_VIEWS)
     ids, mask = ex["input_ids"], ex["loss_mask"]
     # token by token: the masked-in tokens are the two gpt turns, each closed by its <|im_end|>
     spans, current = [], []
@@ -54,7 +55,7 @@ def test_loss_mask_covers_exactly_the_gpt_turns(toy_data, tokenizer, tmp_path):
     assert sum(i == image_pad for i in ids) == 3 * 1 + 4  # three 28x28 candidates, one 56x56 crop
     # the prompt part is token-for-token what the rollout engine prefills
     engine = Engine(common.build_tiny_model("qwen2_5_vl", tokenizer), processor)
-    messages = rollout.build_messages("a red disc on navy", False, "Find it.", [""] * 3, [True] * 3, True)
+    messages = task.build_messages("a red disc on navy", False, "Find it.", [""] * 3, [True] * 3, True)
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     views = [common.qwen_resize(common.load_image(os.path.join(toy_data, p)), 784, 784) for p in record["images"][:3]]
     prompt_ids = engine.encode(text, views)[0]
@@ -84,23 +85,22 @@ def test_right_padded_loss_equals_each_record_alone(toy_data, tokenizer, tmp_pat
     """Right padding changes nothing: each row's summed loss in a padded micro-batch equals the loss of that
     record run alone (no padding at all); records of different lengths, images and a crop."""
     import sft
-    sft.data_root = toy_data
     processor = common.make_processor(tokenizer, 14, 784, 12544)
     model = common.build_tiny_model("qwen2_5_vl", tokenizer, seed=0).eval()
     records = [make_record(toy_data, tmp_path / "a", cands=(0, 1, 2, 3, 4)),
                make_record(toy_data, tmp_path / "b", cands=(5, 6), answer="[1, 2]")]
-    examples = [sft.render(r, processor) for r in records]
+    examples = [sft.render(r, processor, toy_data, *TOY_VIEWS) for r in records]
     assert len(examples[0]["input_ids"]) > len(examples[1]["input_ids"]) + 10  # the second row is padded
     args = (processor, model.config.image_token_id, processor.tokenizer.pad_token_id)
     with torch.no_grad():
-        together, n_together = sft.token_loss_sum(model, sft.collate(examples, *args), "cpu")
-        alone = [sft.token_loss_sum(model, sft.collate([ex], *args), "cpu") for ex in examples]
+        together, n_together = sft.token_loss_sum(model, common.collate(examples, *args), "cpu")
+        alone = [sft.token_loss_sum(model, common.collate([ex], *args), "cpu") for ex in examples]
     assert int(n_together) == sum(int(n) for _, n in alone) == sum(sum(ex["loss_mask"][1:]) for ex in examples)
     assert torch.allclose(together, sum(loss for loss, _ in alone), rtol=1e-5)
 
 
 def test_tiny_sft_overfits_a_handful_of_records(toy_data, sft_data, tmp_path):
-    args = [f"--data_root={toy_data}", f"--sft_data={sft_data}", f"--tokenizer_dir={toy_data}/tokenizer",
+    args = [TOY_CONFIG, f"--data_root={toy_data}", f"--sft_data={sft_data}", f"--tokenizer_dir={toy_data}/tokenizer",
             f"--out_dir={tmp_path}", "--epochs=40", "--batch_size=2", "--learning_rate=3e-3", "--warmup_frac=0.05",
             "--log_every=1000", "--freeze_vision=False"] + TINY
     import importlib
@@ -108,14 +108,14 @@ def test_tiny_sft_overfits_a_handful_of_records(toy_data, sft_data, tmp_path):
     sft = importlib.reload(sft)  # fresh defaults, then this test's settings
     from configurator import configure
     configure(vars(sft), args, verbose=False)
-    model, processor = sft.build_model("cpu", torch.float32)
-    examples = [sft.render(r, processor) for r in sft.load_records(sft_data, toy_data)]
-    losses = sft.train(model, processor, examples, str(tmp_path / "model"), 0, 1, "cpu")
+    model, processor = sft.build_model(sft.init_from, "cpu", torch.float32)
+    examples = [sft.render(r, processor, toy_data, *TOY_VIEWS) for r in sft.load_records(sft_data, toy_data)]
+    losses = sft.train(model, processor, examples, str(tmp_path / "model"), {k: getattr(sft, k) for k in sft.TRAIN_KEYS}, 0, 1, "cpu")
     assert losses[-1] < losses[0] / 10
     # the checkpoint is a Hugging Face directory that reloads with identical logits
     reloaded = common.load_model(str(tmp_path / "model")).eval()
     model.eval()
-    batch = sft.collate(examples[:2], processor, model.config.image_token_id, processor.tokenizer.pad_token_id)
+    batch = common.collate(examples[:2], processor, model.config.image_token_id, processor.tokenizer.pad_token_id)
     with torch.no_grad():
         a = model(**common.model_inputs(batch, "cpu")).logits
         b = reloaded(**common.model_inputs(batch, "cpu")).logits
@@ -141,7 +141,7 @@ def run_sft(args, nproc, threads=1):
 @pytest.mark.parametrize("freeze_vision", [False, True])
 def test_fsdp_two_ranks_equal_one_rank(toy_data, sft_data, tmp_path, freeze_vision):
     """The same global batch (2 micro-batches): 2 gloo ranks x 1 vs 1 process x grad_accum 2."""
-    base = [f"--data_root={toy_data}", f"--sft_data={sft_data}", f"--tokenizer_dir={toy_data}/tokenizer",
+    base = [TOY_CONFIG, f"--data_root={toy_data}", f"--sft_data={sft_data}", f"--tokenizer_dir={toy_data}/tokenizer",
             "--epochs=2", "--batch_size=1", "--learning_rate=1e-3", f"--freeze_vision={freeze_vision}", "--warmup_frac=0.5"] + TINY
     run_sft(base + [f"--out_dir={tmp_path}/one", "--grad_accum=2"], 1)
     run_sft(base + [f"--out_dir={tmp_path}/two", "--grad_accum=1"], 2)
@@ -156,7 +156,7 @@ def test_fsdp_two_ranks_equal_one_rank(toy_data, sft_data, tmp_path, freeze_visi
 
 
 def test_resume_continues_where_it_stopped(toy_data, sft_data, tmp_path):
-    base = [f"--data_root={toy_data}", f"--sft_data={sft_data}", f"--tokenizer_dir={toy_data}/tokenizer",
+    base = [TOY_CONFIG, f"--data_root={toy_data}", f"--sft_data={sft_data}", f"--tokenizer_dir={toy_data}/tokenizer",
             "--batch_size=2", "--learning_rate=1e-3", "--warmup_frac=0.01", "--min_lr_frac=1.0"] + TINY  # constant lr
     run_stage("sft", base + [f"--out_dir={tmp_path}/straight", "--epochs=4"])
     run_stage("sft", base + [f"--out_dir={tmp_path}/resumed", "--epochs=2"])
@@ -174,7 +174,7 @@ def test_vision_from_takes_the_tower_of_another_checkpoint(toy_data, sft_data, t
     sizes = dict(n_layer=2, n_embd=64, n_head=2, n_kv_head=1, vision_depth=1, vision_hidden=32)
     donor = common.build_tiny_model("qwen2_5_vl", AutoTokenizer.from_pretrained(f"{toy_data}/tokenizer"), seed=7, **sizes)
     donor.save_pretrained(tmp_path / "donor")
-    args = [f"--data_root={toy_data}", f"--sft_data={sft_data}", f"--tokenizer_dir={toy_data}/tokenizer",
+    args = [TOY_CONFIG, f"--data_root={toy_data}", f"--sft_data={sft_data}", f"--tokenizer_dir={toy_data}/tokenizer",
             f"--vision_from={tmp_path}/donor", "--epochs=1", "--batch_size=2", "--learning_rate=1e-3",
             "--freeze_vision=True"] + TINY
     run_stage("sft", args + [f"--out_dir={tmp_path}/joined"])
@@ -192,7 +192,7 @@ def test_thread_count_does_not_change_the_trained_weights(toy_data, sft_data, tm
     """data/toy/run.py gives a stage 1 or 2 threads depending on what runs beside it; with the vision tower frozen
     (every policy stage) the weights come out bit for bit the same. A trained tower's do not (measured), so
     run.py pins the threads of the two stages that train one (embed, vision)."""
-    args = [f"--data_root={toy_data}", f"--sft_data={sft_data}", f"--tokenizer_dir={toy_data}/tokenizer",
+    args = [TOY_CONFIG, f"--data_root={toy_data}", f"--sft_data={sft_data}", f"--tokenizer_dir={toy_data}/tokenizer",
             "--epochs=2", "--batch_size=2", "--learning_rate=1e-3", "--freeze_vision=True"] + TINY
     weights = []
     for threads in (1, 2):
@@ -204,7 +204,7 @@ def test_thread_count_does_not_change_the_trained_weights(toy_data, sft_data, tm
 def test_stop_loss_ends_training_early_and_a_rerun_adds_nothing(toy_data, sft_data, tmp_path):
     """stop_loss ends the run once the mean loss of the last 25 steps is below it; the checkpoint says where,
     and a rerun (resume) trains no further."""
-    args = [f"--data_root={toy_data}", f"--sft_data={sft_data}", f"--tokenizer_dir={toy_data}/tokenizer",
+    args = [TOY_CONFIG, f"--data_root={toy_data}", f"--sft_data={sft_data}", f"--tokenizer_dir={toy_data}/tokenizer",
             f"--out_dir={tmp_path}", "--epochs=100", "--batch_size=2", "--learning_rate=3e-3", "--warmup_frac=0.05",
             "--log_every=1000", "--stop_loss=1.0"] + TINY
     run_stage("sft", args)

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 import common
 import embed
 import retrieve
-from conftest import run_stage
+from conftest import TOY_CONFIG, run_stage
 
 TINY = ["--embed_n_layer=2", "--embed_n_embd=64", "--embed_n_head=2", "--embed_n_kv_head=1",
         "--embed_vision_depth=1", "--embed_vision_hidden=32"]
@@ -28,9 +28,9 @@ def stage0(toy_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("stage0")
     q, p = files(toy_data, "test")
     tq, tp = files(toy_data, "train")
-    common_args = [f"--data_root={toy_data}", f"--query_files={q}", f"--pool_files={p}"]
+    common_args = [TOY_CONFIG, f"--data_root={toy_data}", f"--query_files={q}", f"--pool_files={p}"]
     run_stage("embed", common_args + TINY + [f"--train_query_files={tq}", f"--train_pool_files={tp}",
-              f"--tokenizer_dir={toy_data}/tokenizer", f"--out_dir={out}/embed", "--embed_train_steps=3", "--embed_batch_size=8"])
+              f"--tokenizer_dir={toy_data}/tokenizer", f"--embed_out_dir={out}/embed", "--embed_train_steps=3", "--embed_batch_size=8"])
     run_stage("retrieve", common_args + [f"--emb_dir={out}/embed/emb", "--top_k=20", f"--ranked={out}/ranked.jsonl"])
     qrels = ",".join(f"{toy_data}/qrels/test/mbeir_{n}_test_qrels.txt" for n in ["toyt2i_task0", "toycir_task7"])
     _, metrics = run_stage("evaluate", [f"--ranked={out}/ranked.jsonl", f"--qrels={qrels}"])
@@ -104,7 +104,7 @@ def test_retrieve_reports_queries_whose_positive_is_not_in_the_pool(tmp_path, ca
     json.dump(["1:a", "1:b", "1:c"], open(tmp_path / "emb" / "p.ids.json", "w"))
     common.write_jsonl(str(tmp_path / "q.jsonl"), [{"qid": "1:0", "task_id": 0, "pos_cand_list": ["1:a"]},
                                                    {"qid": "1:1", "task_id": 0, "pos_cand_list": ["1:zzz"]}])
-    run_stage("retrieve", [f"--data_root={tmp_path}", "--query_files=q.jsonl", "--pool_files=p.jsonl",
+    run_stage("retrieve", [TOY_CONFIG, f"--data_root={tmp_path}", "--query_files=q.jsonl", "--pool_files=p.jsonl",
                            f"--emb_dir={tmp_path}/emb", "--top_k=2", f"--ranked={tmp_path}/r.jsonl"])
     ranked = common.read_jsonl(str(tmp_path / "r.jsonl"))
     assert [r["qid"] for r in ranked] == ["1:0", "1:1"]  # kept, not dropped

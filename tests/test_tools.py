@@ -7,9 +7,24 @@ from PIL import Image
 
 import tools
 from common import qwen_resize
-from tools import INVALID, TOOL_SPECS, crop_box, crop_image, execute_tool_call, parse_tool_call, select_images
+from tools import INVALID, TOOL_SPECS, crop_box, parse_tool_call
 
-MIN, MAX = 4 * 28 * 28, 112 * 112
+MIN, MAX = 4 * 28 * 28, 112 * 112  # the toy's tool view (config/toy.py): 4 to 16 tokens
+
+
+# the tools take the view's pixel limits from their caller; these tests mostly use the toy's
+def crop_image(img, bbox, min_pixels=MIN, max_pixels=MAX, factor=28):
+    return tools.crop_image(img, bbox, min_pixels, max_pixels, factor)
+
+
+def select_images(images, indices, min_pixels=MIN, max_pixels=MAX, factor=28):
+    return tools.select_images(images, indices, min_pixels, max_pixels, factor)
+
+
+def execute_tool_call(text, images, min_pixels=MIN, max_pixels=MAX, factor=28):
+    return tools.execute_tool_call(text, images, min_pixels, max_pixels, factor)
+
+
 RAW = dict(min_pixels=1, max_pixels=10 ** 9, factor=1)  # smart_size leaves any size alone: the raw crop
 
 

@@ -7,8 +7,8 @@ import torch
 
 import common
 import prepare
-import rollout
 import tools
+import task
 from conftest import run_stage
 
 
@@ -69,14 +69,14 @@ def test_tokenizer_has_single_token_tags(tokenizer):
 @pytest.mark.parametrize("use_tools", [True, False])
 def test_fixed_prompt_text_is_one_token_each(tokenizer, use_tools):
     # the whole system prompt is one token, the guidelines another; the rest of the prompt is plain BPE
-    messages = rollout.build_messages("a red disc", False, "Find it.", ["", ""], [True, True], use_tools)
+    messages = task.build_messages("a red disc", False, "Find it.", ["", ""], [True, True], use_tools)
     text = common.make_processor(tokenizer).apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids) == text
     fixed = {tokenizer.convert_tokens_to_ids(t): t for t in prepare.fixed_prompt_text()}
     used = [fixed[i] for i in ids if i in fixed]
-    system = rollout.SYSTEM_PROMPT + ("\n\n" + tools.tools_prompt() if use_tools else "")
-    guidelines = "\n\n" + rollout.GUIDELINES + (rollout.TOOL_GUIDELINE if use_tools else "")
+    system = task.SYSTEM_PROMPT + ("\n\n" + tools.tools_prompt() if use_tools else "")
+    guidelines = "\n\n" + task.GUIDELINES + (task.TOOL_GUIDELINE if use_tools else "")
     assert used == [system, guidelines]  # the longest fixed text wins where two start at the same place
     rest = text.replace(system, "").replace(guidelines, "")
     assert len(ids) == 2 + len(tokenizer(rest, add_special_tokens=False)["input_ids"])

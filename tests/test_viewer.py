@@ -17,8 +17,9 @@ from PIL import Image
 import common
 import prepare
 import viewer
+import task
 from configurator import configure
-from conftest import run_stage
+from conftest import TOY_CONFIG, run_stage
 
 QUERY_FILE = "query/test/mbeir_toycir_task7_test.jsonl"  # composed queries: a query image and text
 POOL_FILE = "cand_pool/test/mbeir_toycir_task7_test_cand_pool.jsonl"
@@ -55,7 +56,7 @@ def rollout_out(toy_data, tokenizer, tmp_path_factory):
     common.write_jsonl(str(root / "ranked.jsonl"), [{"qid": query["qid"], "task_id": 7, "cands": window,
                                                      "scores": [3.0, 2.0, 1.0]}])
     rollout = importlib.reload(importlib.import_module("rollout"))
-    configure(vars(rollout), [f"--data_root={toy_data}", f"--policy={root}/policy", f"--ranked_in={root}/ranked.jsonl",
+    configure(vars(rollout), [TOY_CONFIG, f"--data_root={toy_data}", f"--policy={root}/policy", f"--ranked_in={root}/ranked.jsonl",
                               f"--out_dir={root}/rerank", "--top_n=3", "--window=3", "--stride=3", "--max_new_tokens=80",
                               f"--query_files={QUERY_FILE}", f"--pool_files={POOL_FILE}"], verbose=False)
     engine_class = rollout.Engine
@@ -68,7 +69,7 @@ def rollout_out(toy_data, tokenizer, tmp_path_factory):
         rollout.main()
     finally:
         rollout.Engine = engine_class
-    benchmark = rollout.load_benchmark(toy_data, QUERY_FILE, POOL_FILE, "instructions.json")
+    benchmark = task.load_benchmark(toy_data, QUERY_FILE, POOL_FILE, "instructions.json")
     return f"{root}/rerank/trajectories.jsonl", benchmark, query, {c["did"]: c for c in pool}[positive]
 
 
@@ -101,7 +102,7 @@ def test_missing_image_is_a_placeholder(rollout_out, toy_data, tmp_path):
 
 def test_main_writes_the_page_and_a_bad_record_names_its_line(rollout_out, toy_data, tmp_path):
     path, _, query, _ = rollout_out
-    args = [f"--data_root={toy_data}", f"--query_files={QUERY_FILE}", f"--pool_files={POOL_FILE}",
+    args = [TOY_CONFIG, f"--data_root={toy_data}", f"--query_files={QUERY_FILE}", f"--pool_files={POOL_FILE}",
             f"--out={tmp_path}/page.html"]
     run_stage("viewer", args + [f"--trajectories={path}"])
     page = open(tmp_path / "page.html").read()

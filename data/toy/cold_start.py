@@ -6,14 +6,14 @@ Cold-start SFT data for the toy benchmark, written by a teacher that knows the t
 
 From the TRAIN split only, in ShareGPT format (LLaMA-Factory, like the released V-Retrver SFT data):
 - cold_start.jsonl: one reranking trajectory per train query, in exactly the chat/tool format the policy
-  produces (rollout.build_messages). Most windows hold the positive's whole family (4 images that differ
+  produces (task.build_messages). Most windows hold the positive's whole family (4 images that differ
   only in the tag): the teacher says which candidates match colour, background and corner, calls
   select_images on them, reads each tag in the observation and ranks the positive first. The rest
   (no_tool_fraction) hold a single matching candidate and are answered without tools. A rule filter
   keeps only well-formed trajectories whose answer ranks the positive first.
 - warmup.jsonl: short descriptions of freshly rendered images at the prompt, full and crop resolutions. A
   pretrained VLM can already read a small tag once it is shown large enough; a from-scratch toy VLM
-  cannot until it is taught, so this stands in for pretrained perception (REFERENCE §9).
+  cannot until it is taught, so this stands in for pretrained perception (docs/spec.md §9).
 Image paths are relative to data_root; "image_sizes" tells the trainer the resolution of each image.
 """
 
@@ -30,8 +30,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "data", "toy"))
 import common  # noqa: E402
 import prepare  # noqa: E402
-import rollout  # noqa: E402
-from engine import parse_answer  # noqa: E402
+import task  # noqa: E402
 import tools  # noqa: E402
 from configurator import configure  # noqa: E402
 
@@ -107,7 +106,7 @@ def warmup_records(images):
         elif i % 3 == 1:
             turns, kind = ("Describe the image and its tag.", f"{looks(a)}, {tag(a['mark'])} tag"), "full"
         else:
-            img = tools.crop_image(img, prepare.CROP_BOXES[a["corner"]])
+            img = tools.crop_image(img, prepare.CROP_BOXES[a["corner"]], TOOL_MIN, TOOL_MAX, FACTOR)
             turns, kind = ("Describe the tag.", f"{tag(a['mark'])} tag"), "crop"
         records.append({"conversations": [{"from": "human", "value": "<image>" + turns[0]},
                                           {"from": "gpt", "value": turns[1]}],
@@ -266,9 +265,9 @@ def numbers(ks):
 def trajectory(q, pos, window_cands, use_tool, images, instruction, ref):
     """One ShareGPT record: the rollout's prompt, then the teacher's turns (tool call, observation, answer)."""
     q_path = q.get("query_img_path")
-    messages = rollout.build_messages(q.get("query_txt") or "", bool(q_path), instruction,
+    messages = task.build_messages(q.get("query_txt") or "", bool(q_path), instruction,
                                       [c.get("txt") or "" for c in window_cands], [True] * len(window_cands), use_tool)
-    turns = rollout.to_sharegpt(messages)
+    turns = task.to_sharegpt(messages)
     paths = ([q_path] if q_path else []) + [c["img_path"] for c in window_cands]
     sizes = [[PROMPT, PROMPT] for _ in paths]
     k_pos = window_cands.index(pos) + 1
@@ -292,7 +291,7 @@ def trajectory(q, pos, window_cands, use_tool, images, instruction, ref):
     turn1 = f"<think>{think}</think>\n<tool_call>\n{call}\n</tool_call>"
     tool_images = [images.load(q_path) if q_path else None] + [images.load(c["img_path"]) for c in window_cands]
     result = tools.execute_tool_call(turn1, tool_images, TOOL_MIN, TOOL_MAX, FACTOR)
-    obs = rollout.to_sharegpt([{"role": "user", "content": result.content}])[0]
+    obs = task.to_sharegpt([{"role": "user", "content": result.content}])[0]
     for k, im in zip(fam, result.images):
         paths.append(images.save(im, f"select_{stem(window_cands[k - 1]['img_path'])}_{im.width}x{im.height}"))
         sizes.append([im.width, im.height])
@@ -310,7 +309,7 @@ def well_formed(turns, tool_images, k_pos, n):
         if tools.parse_tool_call(text)[2] is not None or not tools.execute_tool_call(
                 text, tool_images, TOOL_MIN, TOOL_MAX, FACTOR).valid:
             return False
-    answer = parse_answer(gpt[-1])
+    answer = task.parse_answer(gpt[-1])
     return bool(FINAL.fullmatch(gpt[-1])) and answer is not None and sorted(answer) == list(range(1, n + 1)) \
         and answer[0] == k_pos
 

@@ -43,7 +43,7 @@ def correct(view, text, a):
 def view_of(img, view, a):
     if view == "prompt":
         return common.qwen_resize(img, 784, 784)
-    return tools.crop_image(img, prepare.CROP_BOXES[a["corner"]]) if view == "crop" else img
+    return tools.crop_image(img, prepare.CROP_BOXES[a["corner"]], 3136, 12544) if view == "crop" else img
 
 
 def main():

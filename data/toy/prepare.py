@@ -20,7 +20,7 @@ Resolutions, and why:
   the image and returns exactly the 56x56 quadrant at native scale (4 tokens); select_images returns
   the whole 112x112 image (16 tokens). The tag lies inside one 14 px patch of both views (moved by 0-6
   px, in even steps, within it) with its stripes anchored to the pixel grid, so a fixed linear filter of
-  the patch reads it: a small vision encoder learns it fast (REFERENCE §9). Random stripe phases made
+  the patch reads it: a small vision encoder learns it fast (docs/spec.md §9). Random stripe phases made
   it unreadable by a linear filter, and a from-scratch tower did not learn it in minutes (measured).
 
 Two tasks, each with its own M-BEIR local pool (same images, different dataset ids):
@@ -41,6 +41,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import task  # noqa: E402
 import tools  # noqa: E402
 from configurator import configure  # noqa: E402
 
@@ -54,7 +55,7 @@ vocab_size = 1024      # BPE vocabulary (before special tokens)
 
 IMAGE_SIZE = 112
 # coarse attributes are strong colours, which a from-scratch encoder learns in minutes at 28x28; shapes
-# and faint tints at that size took it far longer (REFERENCE §9: perception is a tiny model's bottleneck)
+# and faint tints at that size took it far longer (docs/spec.md §9: perception is a tiny model's bottleneck)
 BACKGROUNDS = {"navy": (30, 40, 95), "forest": (30, 85, 45), "maroon": (95, 30, 45), "slate": (75, 75, 85)}
 COLOURS = {"red": (215, 45, 45), "green": (45, 160, 70), "blue": (50, 90, 215),
            "yellow": (225, 195, 40), "purple": (145, 65, 185), "orange": (235, 130, 30)}
@@ -217,8 +218,7 @@ def prompt_corpus():
     for i in range(0, 21):
         lines.append(json.dumps({"name": "select_images", "arguments": {"target_images": [i, i + 1]}}))
     lines += ["user", "assistant", "system"] * 20
-    import rollout  # the policy's fixed prompt text, seen in every reranking example
-    lines += [rollout.SYSTEM_PROMPT, tools.tools_prompt(), rollout.GUIDELINES + rollout.TOOL_GUIDELINE] * 50
+    lines += [task.SYSTEM_PROMPT, tools.tools_prompt(), task.GUIDELINES + task.TOOL_GUIDELINE] * 50  # in every reranking example
     lines += ["Here is the cropped image. (Image Size: 56x56)",
               "Here are the selected images for detailed analysis. (Image Size: 112x112, Numbered 1 to 2):",
               "Your action is not valid, please check the format and try again.",
@@ -249,9 +249,8 @@ def fixed_prompt_text():
     tool specs) and the guidelines that end the user turn. The toy tokenizer holds each as one token: a
     from-scratch toy cannot read it anyway, and as BPE text the tool system prompt alone is ~360 tokens,
     half of every reranking sequence, which the training and generation stages paid for on every row."""
-    import rollout
-    return [rollout.SYSTEM_PROMPT + "\n\n" + tools.tools_prompt(), rollout.SYSTEM_PROMPT,
-            "\n\n" + rollout.GUIDELINES + rollout.TOOL_GUIDELINE, "\n\n" + rollout.GUIDELINES]
+    return [task.SYSTEM_PROMPT + "\n\n" + tools.tools_prompt(), task.SYSTEM_PROMPT,
+            "\n\n" + task.GUIDELINES + task.TOOL_GUIDELINE, "\n\n" + task.GUIDELINES]
 
 
 def train_tokenizer(texts, root):

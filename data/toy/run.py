@@ -5,7 +5,7 @@ The whole toy pipeline in one command, on 2 CPU cores, from a fresh clone (after
     python data/toy/run.py --quick=True --out=out/toy_quick   # minutes: tiny step counts (the smoke test)
 
 prepare -> embed (stage 0) -> retrieve -> vision pretraining + verdict drills + warm-up (the base model: the
-toy's stand-in for a pretrained VLM, REFERENCE §9) -> cold-start SFT -> RSFT -> GRPO, each reranker stage evaluated on the
+toy's stand-in for a pretrained VLM, docs/spec.md §9) -> cold-start SFT -> RSFT -> GRPO, each reranker stage evaluated on the
 test split (rollout.py over the stage-0 top 5, then evaluate.py); plus the no-tools ablation, which shares
 everything before cold-start SFT: SFT on the same windows without tools, then GRPO without tools.
 Every stage is the command a user would type (printed as it starts), run as its own process as soon as
@@ -58,7 +58,7 @@ def settings(quick):
                  "--learning_rate=1e-4", "--temperature=0.7", f"--max_new_tokens={pick(256, 48)}"],
         "grpo": [f"--max_steps={pick(5, 2)}", f"--prompts_per_step={pick(8, 2)}", f"--group_size={pick(8, 2)}",
                  "--learning_rate=2e-5", "--warmup_steps=2", "--temperature=0.7", f"--max_new_tokens={pick(256, 48)}", "--micro_batch_size=8"],
-        "rerank": ["--top_n=5", "--window=5", "--stride=5", "--batch_queries=100", f"--max_new_tokens={pick(256, 48)}"],
+        "rerank": ["--batch_queries=100", "--max_response_tokens=2048", f"--max_new_tokens={pick(256, 48)}"],
     }
 
 
@@ -83,7 +83,7 @@ def stages(quick):
         ("drills", py + ["sft.py"] + common_args + ["--init_from=scratch", "--sft_data=sft/warmup_compare.jsonl",
                                                     f"--out_dir={o}/drills", "--freeze_vision=True"] + s["drills"],
          f"{o}/drills/model/trainer_state.pt", ["cold_start"]),
-        ("embed", py + ["embed.py"] + common_args + [f"--out_dir={o}/embed", f"--query_files={TEST[0]},{TRAIN[0]}",
+        ("embed", py + ["embed.py"] + common_args + [f"--embed_out_dir={o}/embed", f"--query_files={TEST[0]},{TRAIN[0]}",
                                                       f"--pool_files={TEST[1]},{TRAIN[1]}"] + s["embed"],
          f"{o}/embed/emb/mbeir_toycir_task7_train_cand_pool.npy", ["prepare"]),
         ("vision", py + ["data/toy/vision_pretrain.py"] + common_args + [f"--out_dir={o}/vision"] + s["vision"],
@@ -107,15 +107,15 @@ def stages(quick):
          f"{o}/base/model/trainer_state.pt", ["drills", "vision"]),
         ("sft", py + ["sft.py"] + common_args + [f"--init_from={o}/base/model", "--sft_data=sft/cold_start.jsonl",
                                                  f"--out_dir={o}/sft"] + s["sft"], f"{o}/sft/model/trainer_state.pt", ["warmup"]),
-        ("rsft", py + ["rsft.py"] + common_args + [f"--policy={o}/sft/model", f"--out_dir={o}/rsft", f"--ranked_in={o}/ranked_train.jsonl"]
+        ("rsft", py + ["rsft.py"] + common_args + [f"--policy={o}/sft/model", f"--out_dir={o}/rsft", f"--ranked_train={o}/ranked_train.jsonl"]
          + s["rsft"], f"{o}/rsft/model/trainer_state.pt", ["sft", "retrieve_train"]),
-        ("grpo", py + ["grpo.py"] + common_args + [f"--policy={o}/rsft/model", f"--out_dir={o}/grpo", f"--ranked_in={o}/ranked_train.jsonl"]
+        ("grpo", py + ["grpo.py"] + common_args + [f"--policy={o}/rsft/model", f"--out_dir={o}/grpo", f"--ranked_train={o}/ranked_train.jsonl"]
          + s["grpo"], f"{o}/grpo/model/trainer_state.pt", ["rsft"]),
         ("sft_notool", py + ["sft.py"] + common_args + [f"--init_from={o}/base/model", "--sft_data=sft_notool/cold_start.jsonl",
                                                         f"--out_dir={o}/sft_notool"] + s["sft"], f"{o}/sft_notool/model/trainer_state.pt",
          ["warmup", "cold_start_notool"]),
         ("grpo_notool", py + ["grpo.py"] + common_args + [f"--policy={o}/sft_notool/model", f"--out_dir={o}/grpo_notool", "--use_tools=False",
-                                                          f"--ranked_in={o}/ranked_train.jsonl"] + s["grpo"],
+                                                          f"--ranked_train={o}/ranked_train.jsonl"] + s["grpo"],
          f"{o}/grpo_notool/model/trainer_state.pt", ["sft_notool", "retrieve_train"]),
     ]
     # each policy reranks the test split once it is trained; the reranks come after every training stage in
@@ -141,18 +141,17 @@ ROWS = [("stage-0 (embedder)", "stage0", None), ("warm-up base, zero-shot", "bas
 def trajectory_stats(path, tools_on):
     """Answer-format validity, tool-call rate, mean generated tokens and mean GRPO reward (paper variant, the
     reward that stage's GRPO would give) over a rerank's trajectories."""
-    import grpo
-    from engine import is_well_formed
+    import task
     trajs = common.read_jsonl(path)
     positives = {}
     for name in TEST[0].split(","):
         positives.update({q["qid"]: q["pos_cand_list"] for q in common.read_jsonl(f"{data}/{name}")})
     rewards = []
     for t in trajs:
-        hits = [k for k, did in enumerate(t["window"], 1) if did in positives[t["qid"]]]
-        rewards += grpo.group_rewards([t["final_text"]], [t["n_valid_calls"]], hits[0] if hits else None, "paper", tools_on)
+        positive = task.positive_position(t["window"], positives[t["qid"]])
+        rewards += task.group_rewards([t["final_text"]], [t["n_valid_calls"]], positive, "paper", tools_on)
     n = max(1, len(trajs))
-    return {"format_valid": 100 * sum(is_well_formed(t["final_text"]) for t in trajs) / n,
+    return {"format_valid": 100 * sum(task.is_well_formed(t["final_text"]) for t in trajs) / n,
             "tool_call_rate": 100 * sum(t["n_valid_calls"] > 0 for t in trajs) / n,
             "mean_generated_tokens": sum(t["n_generated"] for t in trajs) / n,
             "mean_reward": sum(rewards) / n}
@@ -164,7 +163,6 @@ def verdict_probe(model_dir, n=200):
     everywhere leaves the verdict to SFT, which has then ranked at stage 0 however well it read the tags (README)."""
     import torch
     import sft
-    sft.data_root = data
     processor = common.load_processor(model_dir, 784, 784)  # the drills hold no images
     tok = processor.tokenizer
     model = common.load_model(model_dir).eval()
@@ -173,8 +171,8 @@ def verdict_probe(model_dir, n=200):
     drills = common.read_jsonl(f"{data}/sft/warmup_compare.jsonl")[:n]
     right = {w: [0, 0] for w in words}  # word -> [predicted, places]
     for i in range(0, len(drills), 8):
-        batch = sft.collate([sft.render(r, processor) for r in drills[i:i + 8]], processor, model.config.image_token_id,
-                            tok.pad_token_id)
+        examples = [sft.render(r, processor, data, (784, 784), (784, 784)) for r in drills[i:i + 8]]
+        batch = common.collate(examples, processor, model.config.image_token_id, tok.pad_token_id)
         with torch.no_grad():
             predicted = model(**common.model_inputs(batch, "cpu")).logits[:, :-1].argmax(-1)  # (B, T-1)
         target, trained = batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:] == 1
@@ -298,14 +296,22 @@ def run_all(todo, log_path):
     return record
 
 
-def main():
-    os.chdir(ROOT)
-    os.makedirs(f"{out}/logs", exist_ok=True)
+def write_run_config():
+    """{out}/config.py: config/toy.py plus this run's paths and seed, the config file every stage gets."""
     with open("config/toy.py") as f:
         config = f.read()
     config += (f"\n# written by data/toy/run.py: this run's paths and seed\ndata_root = {data!r}\n"
-               f"tokenizer_dir = {data + '/tokenizer'!r}\nseed = {seed}\nemb_dir = {out + '/embed/emb'!r}\n")
+               f"tokenizer_dir = {data + '/tokenizer'!r}\nseed = {seed}\nembed_out_dir = {out + '/embed'!r}\n"
+               f"emb_dir = {out + '/embed/emb'!r}\nranked = {out + '/ranked_test.jsonl'!r}\n"
+               f"ranked_in = {out + '/ranked_test.jsonl'!r}\nranked_train = {out + '/ranked_train.jsonl'!r}\n"
+               f"qrels = {','.join(f'{data}/{q}' for q in QRELS.split(','))!r}\n")
     common.atomic_write(f"{out}/config.py", lambda f: f.write(config))
+
+
+def main():
+    os.chdir(ROOT)
+    os.makedirs(f"{out}/logs", exist_ok=True)
+    write_run_config()
     machine = machine_speed()
     record = run_all(stages(quick), f"{out}/stage_seconds.json")
     return results(record, machine)

@@ -1,0 +1,206 @@
+"""
+The reranking task in one place: the prompt a window of candidates is shown in, the sliding window, the
+answer format and its parser, where the positive is, the rewards and the rule RSFT keeps a trajectory by.
+
+Pure functions of text and records (no model): engine.py parses answers with them, rollout.py, rsft.py and
+grpo.py build prompts and score trajectories with them, and viewer.py and the toy's scripts read the same
+definitions instead of importing a trainer. The facts behind each are in docs/spec.md (§1 the window, §3
+the prompt, §4 the rewards).
+"""
+
+import math
+import re
+
+import numpy as np
+
+import common
+import tools
+
+# -----------------------------------------------------------------------------
+# the prompt (docs/spec.md §3)
+
+SYSTEM_PROMPT = ("You are a retrieval assistant. Given a query and numbered candidates, rank the candidates "
+                 "from most to least relevant to the query.")
+GUIDELINES = ("Guidelines: rank all candidates from most to least relevant to the query. Think step by step "
+              "inside <think></think>, then give the full ranking as <answer>[i1, i2, ...]</answer>.")
+TOOL_GUIDELINE = " Small details may be invisible at this resolution: inspect them with the tools first."
+
+
+def build_messages(query_text, has_query_image, instruction, cand_texts, cand_has_image, use_tools, max_calls=2):
+    """Chat messages of one window. Images come in placeholder order: query first, then candidates."""
+    system = SYSTEM_PROMPT + ("\n\n" + tools.tools_prompt(max_calls) if use_tools else "")
+    content = [{"type": "text", "text": "Query:"}]
+    if has_query_image:
+        content.append({"type": "image"})
+    content.append({"type": "text", "text": f"{instruction} {query_text}".strip() + "\nCandidates:"})
+    for i, (text, has_image) in enumerate(zip(cand_texts, cand_has_image), 1):
+        content.append({"type": "text", "text": f"({i}) "})
+        if has_image:
+            content.append({"type": "image"})
+        content.append({"type": "text", "text": text or ""})
+    content.append({"type": "text", "text": "\n\n" + GUIDELINES + (TOOL_GUIDELINE if use_tools else "")})
+    return [{"role": "system", "content": system}, {"role": "user", "content": content}]
+
+
+def to_sharegpt(messages):
+    """Chat messages -> ShareGPT turns (LLaMA-Factory style): image parts become <image> placeholders."""
+    role = {"system": "system", "user": "human", "assistant": "gpt"}
+    turns = []
+    for m in messages:
+        content = m["content"] if isinstance(m["content"], str) else "".join(
+            "<image>" if part["type"] == "image" else part["text"] for part in m["content"])
+        turns.append({"from": role[m["role"]], "value": content})
+    return turns
+
+
+def load_benchmark(root, query_files, pool_files, instructions_file):
+    """Queries by qid, candidates by did (M-BEIR JSONL) and the task instructions."""
+    files = [f for f in query_files.split(",") if f], [f for f in pool_files.split(",") if f]
+    queries = {q["qid"]: q for f in files[0] for q in common.read_jsonl(common.resolve_path(f, root), required=("qid",))}
+    pool = {c["did"]: c for f in files[1] for c in common.read_jsonl(common.resolve_path(f, root), required=("did",))}
+    instructions = common.read_json(common.resolve_path(instructions_file, root)) if instructions_file else {}
+    return queries, pool, instructions
+
+
+def check_ranked(ranked, queries, pool, depth, where):
+    """Every ranked qid is a known query and each of its first `depth` candidates a known pool item, checked
+    before any work so that a bad record is named up front, not found mid-run."""
+    for r in ranked:
+        if r["qid"] not in queries:
+            raise ValueError(f"{where}: qid {r['qid']} is in none of the query files")
+        missing = [d for d in r["cands"][:depth] if d not in pool]
+        if missing:
+            raise ValueError(f"{where}: qid {r['qid']} ranks {missing[0]}, which is in none of the pool files")
+
+
+def window_prompt(q, cands, instructions, load, use_tools, min_pixels, max_pixels, factor, max_calls=2):
+    """The prompt of one window: messages, prompt-view images, original images for the tools, and the
+    paths of the prompt images (query first, then candidates). load(path) -> original image."""
+    q_img = load(q["query_img_path"]) if q.get("query_img_path") else None
+    c_imgs = [load(c["img_path"]) if c.get("img_path") else None for c in cands]
+    messages = build_messages(q.get("query_txt") or "", q_img is not None, common.pick_instruction(instructions, q["qid"]),
+                              [c.get("txt") or "" for c in cands], [im is not None for im in c_imgs], use_tools, max_calls)
+    return {"messages": messages, "tool_images": [q_img] + c_imgs,
+            "prompt_images": [common.qwen_resize(im, min_pixels, max_pixels, factor) for im in [q_img] + c_imgs if im is not None],
+            "prompt_paths": ([q["query_img_path"]] if q_img else []) + [c["img_path"] for c in cands if c.get("img_path")]}
+
+# -----------------------------------------------------------------------------
+# the sliding window (docs/spec.md §1)
+
+def window_starts(n, size, step):
+    """Back to front: n=50, size=20, step=10 -> [30, 20, 10, 0]."""
+    if size < 1 or step < 1:
+        raise ValueError(f"window={size} and stride={step} must both be at least 1")
+    starts = list(range(max(n - size, 0), -1, -step))
+    return starts if starts[-1] == 0 else starts + [0]
+
+
+def merge_window(order, start, size, answer):
+    """Reorder order[start:start+size] by a 1-based answer: drop duplicates and out-of-range numbers,
+    append the missing candidates in their previous order; None keeps the previous order."""
+    block = order[start:start + size]
+    if answer is None:
+        return list(order)
+    picked = []
+    for i in answer:
+        if 1 <= i <= len(block) and block[i - 1] not in picked:
+            picked.append(block[i - 1])
+    picked += [c for c in block if c not in picked]
+    return order[:start] + picked + order[start + size:]
+
+
+def window_order(dids, key):
+    """A window's candidates in a random order fixed by key (e.g. seed, step, prompt index): a resumed run sees
+    the same. Training prompts use it: stage 0 was trained on the training queries, so its order there would
+    be a shortcut (the positive sits first more often than on test queries)."""
+    return [dids[i] for i in np.random.default_rng(key).permutation(len(dids))]
+
+
+def positive_position(dids, positives):
+    """1-based position of the first positive among a window's candidate ids, or None (no positive shown)."""
+    positives = set(positives or ())
+    return next((i for i, did in enumerate(dids, 1) if did in positives), None)
+
+# -----------------------------------------------------------------------------
+# the answer (docs/spec.md §1, §4)
+
+FORMAT = re.compile(r"<think>.*?</think>.*?<answer>.*?</answer>", re.DOTALL)
+
+
+def parse_answer(text):
+    """The first <answer>[...]</answer> as a list of ints, or None if there is none or it does not parse."""
+    start = text.find("<answer>")
+    end = text.find("</answer>", start)
+    if start < 0 or end < 0:
+        return None
+    body = text[start + len("<answer>"):end].strip()
+    if not (body.startswith("[") and body.endswith("]")):
+        return None
+    try:
+        return [int(x) for x in body[1:-1].split(",") if x.strip()]
+    except ValueError:
+        return None
+
+
+def is_well_formed(text):
+    """<think>...</think> then <answer>[ints]</answer> (the full format reward's condition)."""
+    think = text.find("<think>")
+    end = text.find("</think>", think)
+    return think >= 0 and end >= 0 and text.find("<answer>", end) >= 0 and parse_answer(text[end:]) is not None
+
+
+def positive_rank(text, positive):
+    """1-based position of the positive in the answer of text (first occurrence), or None."""
+    answer = parse_answer(text[text.find("</think>"):]) if "</think>" in text else None
+    return answer.index(positive) + 1 if answer and positive in answer else None
+
+# -----------------------------------------------------------------------------
+# rewards: pure functions of the policy's own text, never of observation text (docs/spec.md §4)
+
+def format_reward(text):
+    """0.5 for <think>...</think>...<answer>...</answer>, 0.5 more if the answer is a list of ints."""
+    match = FORMAT.search(text)
+    if not match:
+        return 0.0
+    return 0.5 + 0.5 * (parse_answer(text[text.find("</think>", match.start()):]) is not None)
+
+
+def rank_reward(k, cutoff=None):
+    """exp(-(k-1)^2 / 2): 1, 0.61, 0.14, ... for k = 1, 2, 3; 0 if missing or k > cutoff."""
+    if k is None or (cutoff is not None and k > cutoff):
+        return 0.0
+    return math.exp(-((k - 1) ** 2) / 2.0)
+
+
+def group_rewards(final_texts, n_valid_calls, positive, variant="paper", tools_on=True):
+    """Rewards of one group of G trajectories (final assistant text, valid tool calls) for one prompt."""
+    ks = [positive_rank(t, positive) for t in final_texts]
+    fmt = [format_reward(t) for t in final_texts]
+    if variant == "paper":
+        out = [0.2 * f + 0.8 * rank_reward(k, cutoff=5) for f, k in zip(fmt, ks)]
+        if tools_on:
+            out = [r + 0.2 * (k == 1 and n > 0) - 0.1 * max(0, n - 1) for r, k, n in zip(out, ks, n_valid_calls)]
+        return out
+    if variant != "release":
+        raise ValueError(f"reward={variant!r}: expected 'paper' or 'release'")
+    out = [0.3 * f + 0.7 * rank_reward(k) for f, k in zip(fmt, ks)]
+    if tools_on:
+        tool_rate = sum(n > 0 for n in n_valid_calls) / len(n_valid_calls)
+        curiosity = 0.6 * (0.6 - tool_rate) if tool_rate < 0.6 else 0.0
+        out = [r + (curiosity if n > 0 else 0.0) - (0.05 * (n - 1) if n > 1 else 0.0) for r, n in zip(out, n_valid_calls)]
+        out = [min(1.5, max(-0.5, r)) for r in out]
+    return out
+
+# -----------------------------------------------------------------------------
+# rejection sampling (docs/spec.md §1)
+
+def accepted(traj, positive, require_tool=False):
+    """RSFT keeps a trajectory that stopped on its own, is well formed and ranks the positive first
+    (and, with require_tool, made a valid tool call)."""
+    if positive is None:
+        return False
+    final = traj["final_text"]
+    ok = traj["stop_reason"] == "stop" and is_well_formed(final)
+    answer = parse_answer(final[final.find("</think>"):]) if ok else None
+    ok = ok and bool(answer) and answer[0] == positive
+    return ok and (traj["n_valid_calls"] > 0 or not require_tool)
