@@ -5,6 +5,7 @@ best of `repeats` runs of each, and reports only the ratio as the result.
 
     python bench.py                      # all measurements, tiny models on CPU
     python bench.py --only=faiss --repeats=5
+    python bench.py --only=kv             # (also: decode, bare, prefill, prompt, logprob)
 """
 
 import sys
@@ -20,7 +21,7 @@ from engine import Engine
 from configurator import configure
 
 # -----------------------------------------------------------------------------
-only = ""          # '' = all, else one of decode, prefill, prompt, faiss
+only = ""          # '' = all, else one of decode, bare, prefill, kv, logprob, prompt, faiss
 repeats = 3        # best-of-N timing per side
 arch = "qwen2_5_vl"
 tokenizer_dir = "data/toy/tokenizer"  # run data/toy/prepare.py first
@@ -31,6 +32,12 @@ new_tokens = 128   # (decode) tokens per row
 group = 8          # (prefill) samples sharing one prompt
 n_candidates = 20  # (prefill) candidate images in the prompt
 train_batch = 8    # (prompt) reranking records per training step
+splice_rows = 16   # (kv) rows, each splicing ...
+splice_images = 4  # ... observations of this many images ...
+splice_side = 224  # ... of this side (64 tokens each) at staggered steps
+logprob_T = 1024   # (logprob) positions ...
+logprob_V = 151936  # ... and vocabulary (Qwen's)
+logprob_chunk = 64    # peak ~ 3 x chunk x V x 4 B (logits, log-softmax, grad): chunk <= T/12 for <= 25%
 faiss_n = 100_000  # (faiss) pool size ...
 faiss_dim = 512    # ... dimension ...
 faiss_queries = 1000  # ... queries ...
@@ -60,7 +67,7 @@ def toy_engine():
 def toy_prompt(engine, n_images, side, text):
     rng = np.random.default_rng(seed)
     images = [Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)) for _ in range(n_images)]
-    messages = task.build_messages(text, False, "", [""] * n_images, [True] * n_images, False)
+    messages = task.build_messages(text, False, "", [""] * n_images, [True] * n_images, False, style="compact")
     return {"messages": messages, "prompt_images": images, "tool_images": [None] + images}
 
 
@@ -87,6 +94,115 @@ def bench_decode():
     assert all(t["n_generated"] == new_tokens for t in trajs) and hf_new == new_tokens
     print(f"decode  batch {batch} x {new_tokens} tokens: engine.py {n / t_ours:.0f} tok/s, "
           f"HF generate {n / t_hf:.0f} tok/s, ratio: {t_hf / t_ours:.2f}")
+
+
+def bench_bare():
+    """(a') engine.py's loop vs a bare loop of model forwards on the same ragged cache and batch (greedy, no
+    tools, no budgets): the engine's own bookkeeping is the difference."""
+    from engine import RaggedCache, ragged_mask
+    engine = toy_engine()
+    engine.stop_ids = set()
+    prompts = [toy_prompt(engine, 1, 28, f"query number {i}") for i in range(batch)]
+    t_ours, _ = best_time(lambda: engine.generate(prompts, max_new_tokens=new_tokens, max_response_tokens=10 ** 6))
+    model = engine.model
+    encoded = [engine.encode_prompt(p) for p in prompts]
+
+    @torch.no_grad()
+    def bare():
+        width = max(len(e[0]) for e in encoded)
+        ids = torch.full((batch, width), engine.pad_id)
+        pos = torch.zeros(3, batch, width, dtype=torch.long)
+        for b, e in enumerate(encoded):
+            ids[b, :len(e[0])], pos[:, b, :len(e[0])] = torch.tensor(e[0]), e[3]
+        cache = RaggedCache(model.config.get_text_config().num_hidden_layers)
+        cache.lengths = torch.zeros(batch, dtype=torch.long)
+        lengths = torch.tensor([len(e[0]) for e in encoded])
+        out = model(input_ids=ids, position_ids=pos, attention_mask=ragged_mask(cache.lengths, width, None, "cpu"),
+                    pixel_values=torch.cat([e[1] for e in encoded]), image_grid_thw=torch.cat([torch.tensor(e[2]) for e in encoded]),
+                    past_key_values=cache, use_cache=True, logits_to_keep=torch.unique(lengths - 1))
+        keep = torch.unique(lengths - 1)
+        token = out.logits[torch.arange(batch), torch.searchsorted(keep, lengths - 1)].argmax(-1)
+        cache.lengths, next_pos = lengths, torch.tensor([e[4] for e in encoded])
+        for _ in range(new_tokens - 1):
+            out = model(input_ids=token[:, None], position_ids=next_pos.view(1, -1, 1).expand(3, -1, 1),
+                        attention_mask=ragged_mask(cache.lengths, 1, None, "cpu"), past_key_values=cache, use_cache=True)
+            token, cache.lengths, next_pos = out.logits[:, -1].argmax(-1), cache.lengths + 1, next_pos + 1
+    t_bare, _ = best_time(bare)
+    n = batch * new_tokens
+    print(f"decode  batch {batch} x {new_tokens} tokens: engine.py {n / t_ours:.0f} tok/s, bare forward loop "
+          f"{n / t_bare:.0f} tok/s, ratio: {t_bare / t_ours:.2f}")
+
+
+def bench_kv():
+    """(e) the ragged cache: rows splice large observations (splice_images images) at different steps; KV slots
+    per row against the longest row's real tokens, and what a rectangular cache (every row padded to each
+    step's widest chunk) would hold."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = common.build_tiny_model(arch, tokenizer, seed=seed, n_layer=n_layer, n_embd=n_embd).eval()
+    f = 2 * common.ARCHS[arch][2]
+    processor = common.make_processor(tokenizer, common.ARCHS[arch][2], f * f, splice_side ** 2)
+    engine = Engine(model, processor, use_tools=True, tool_min_pixels=f * f, tool_max_pixels=splice_side ** 2)
+    rng = np.random.default_rng(seed)
+    images = [Image.fromarray(rng.integers(0, 255, (splice_side, splice_side, 3), dtype=np.uint8)) for _ in range(splice_images)]
+    prompt = {"messages": task.build_messages("a query", False, "", [""] * splice_images, [True] * splice_images, True, style="compact"),
+              "prompt_images": [common.qwen_resize(im, f * f, f * f, f) for im in images], "tool_images": [None] + images}
+    call = tokenizer('<tool_call>\n{"name": "select_images", "arguments": {"target_images": %s}}\n</tool_call>'
+                     % list(range(1, splice_images + 1)), add_special_tokens=False)["input_ids"]
+    filler = tokenizer(" so", add_special_tokens=False)["input_ids"][0]
+
+    def hook(row, logits):  # row r writes 5 + 9 r filler tokens, its call, then twice more; 24 splices over 16 rows
+        out = torch.full_like(logits, -1e9)
+        calls = 2 if row.sample_index % 2 else 1
+        k = len(row.ids) - row.turn_start - (5 + 9 * row.sample_index)
+        out[filler if k < 0 or len(row.tool_calls) >= calls else call[k] if k < len(call) else engine.im_end] = 0
+        if len(row.tool_calls) >= calls and len(row.ids) - row.turn_start > 20:
+            out[:] = -1e9
+            out[engine.im_end] = 0
+        return out
+    trajs = engine.generate([prompt], n_samples=splice_rows, max_new_tokens=200, max_response_tokens=10 ** 6, logits_hook=hook)
+    splices = sum(len(t["tool_calls"]) for t in trajs)
+    slots, longest, rect = engine.stats["kv_slots_per_row"], engine.stats["longest_row"], engine.stats["rectangular_slots"]
+    print(f"KV cache, {splice_rows} rows, {splices} splices of {splice_images} images: slots per row {slots}, longest row "
+          f"{longest} tokens, a rectangular cache {rect} slots ({rect / longest:.2f}x), ratio: {slots / longest:.2f}")
+
+
+def bench_logprob():
+    """(f) peak memory of the sampled tokens' log-probs (forward + backward) at Qwen's vocabulary: one (T, V)
+    fp32 block the plain way, against common.token_logprobs's chunks; both against T x V x 4 bytes."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = common.tiny_config(arch, tokenizer, n_layer=1, n_embd=64, n_head=2, n_kv_head=1, vision_depth=1, vision_hidden=32)
+    config.text_config.vocab_size = logprob_V
+    model = common.ARCHS[arch][0](config)
+    # the head's and embeddings' weight gradients (V x D each) are not the log-prob computation's memory (FSDP
+    # shards them at scale, memory.py counts them): frozen here, so the peak is the activations it holds
+    model.lm_head.requires_grad_(False)
+    model.model.language_model.embed_tokens.requires_grad_(False)
+    ids = torch.randint(0, len(tokenizer) - 30, (1, logprob_T))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def peak(fn):
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        live = top = 0
+        for e in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()):
+            live += e.nbytes()
+            top = max(top, live)
+        return top
+
+    def plain():
+        logits = model(**batch).logits[:, :-1].float()
+        torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).sum().backward()
+
+    def chunked():
+        common.token_logprobs(model, batch, "cpu", chunk=logprob_chunk).sum().backward()
+    tv = logprob_T * logprob_V * 4
+    p_plain, p_chunked = peak(plain), peak(chunked)
+    print(f"log-probs, T {logprob_T} x V {logprob_V} (T x V x 4 = {tv / 2 ** 20:.0f} MiB): full logits peak "
+          f"{p_plain / 2 ** 20:.0f} MiB ({p_plain / tv:.2f}x), chunks of {logprob_chunk} {p_chunked / 2 ** 20:.0f} MiB, "
+          f"ratio: {p_chunked / tv:.2f}")
 
 
 def bench_prefill():
@@ -123,7 +239,8 @@ def bench_prompt():
     reply += " So candidate 1 is the match.</think>\n<answer>[1, 2, 3, 4, 5]</answer><|im_end|>"
     rng = np.random.default_rng(seed)
     images = [Image.fromarray(rng.integers(0, 255, (28, 28, 3), dtype=np.uint8)) for _ in range(5)]
-    messages = task.build_messages("an orange disc with a checkered tag", False, "Find it.", [""] * 5, [True] * 5, True)
+    messages = task.build_messages("an orange disc with a checkered tag", False, "Find it.", [""] * 5, [True] * 5, True,
+                                   style="compact")
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + reply
     as_one = tok(text, add_special_tokens=False)["input_ids"]
     spelled = []
@@ -166,7 +283,7 @@ def bench_faiss():
 if __name__ == "__main__":
     configure(globals())
     torch.manual_seed(seed)
-    for name, fn in [("decode", bench_decode), ("prefill", bench_prefill), ("prompt", bench_prompt),
-                     ("faiss", bench_faiss)]:
+    for name, fn in [("decode", bench_decode), ("bare", bench_bare), ("prefill", bench_prefill), ("kv", bench_kv),
+                     ("logprob", bench_logprob), ("prompt", bench_prompt), ("faiss", bench_faiss)]:
         if only in ("", name):
             fn()

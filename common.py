@@ -5,11 +5,15 @@ Models are the real transformers classes for Qwen2-VL, Qwen2.5-VL and Qwen3-VL, 
 Hugging Face directory (no hub access, ever) or built tiny from a config for CPU runs.
 """
 
+import hashlib
 import json
 import math
 import os
 import random
+import re
+import shutil
 import tempfile
+import warnings
 
 import numpy as np
 import torch
@@ -25,6 +29,7 @@ from transformers import (
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
 )
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -188,14 +193,66 @@ def check_images(records, path_key, id_key, root):
         raise FileNotFoundError(f"{len(missing)} missing image(s) (record id -> path): {shown}")
 
 
+# the largest image (in pixels) a stage opens: 8000x8000, room above M-BEIR's largest photos (about
+# 6400x4800); a bigger one is a corrupt header or a decompression bomb. Lower than PIL's own guard,
+# whose error would not name the file
+MAX_IMAGE_PIXELS = 64_000_000
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError)  # what PIL raises on a bad file
+
+
+class ImageError(OSError):
+    """An image file that exists but cannot be used (not an image, truncated, too large); names the file."""
+
+
+def open_image(path):
+    """Image.open with the size checked against MAX_IMAGE_PIXELS; only the header is read."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # ours is the lower limit, below
+            img = Image.open(path)
+    except FileNotFoundError:
+        raise
+    except Image.DecompressionBombError as e:  # past twice its own limit PIL raises first (its message: the pixels)
+        raise ImageError(f"{path}: too large ({e}); the limit is common.MAX_IMAGE_PIXELS = {MAX_IMAGE_PIXELS}") from None
+    except DECODE_ERRORS as e:
+        raise ImageError(f"{path}: not a readable image ({e})") from None
+    if img.width * img.height > MAX_IMAGE_PIXELS:
+        img.close()
+        raise ImageError(f"{path}: {img.width}x{img.height} image is larger than common.MAX_IMAGE_PIXELS "
+                         f"= {MAX_IMAGE_PIXELS} pixels")
+    return img
+
+
+def check_image(path):
+    """A cheap check that a file is a whole image of a usable size, without decoding it: the header, and
+    what PIL's verify() checks (for PNG, every chunk and checksum: a truncated file fails)."""
+    with open_image(path) as img:
+        try:
+            img.verify()
+        except DECODE_ERRORS as e:
+            raise ImageError(f"{path}: broken image file ({e})") from None
+
+
 def load_image(path):
-    """Open as RGB; RGBA and palette images are flattened onto white."""
-    img = Image.open(path)
-    if img.mode in ("RGBA", "LA", "P"):
-        img = img.convert("RGBA")
-        canvas = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(canvas, img)
-    return img.convert("RGB")
+    """Open as RGB; RGBA and palette images are flattened onto white. A bad file is an ImageError naming it."""
+    with open_image(path) as img:
+        try:
+            img.load()  # decode now: a truncated file fails here, not somewhere inside the processor
+        except DECODE_ERRORS as e:
+            raise ImageError(f"{path}: cannot decode ({e})") from None
+        if img.mode in ("RGBA", "LA", "P"):
+            flat = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            return Image.alpha_composite(flat, img.convert("RGBA")).convert("RGB")
+        return img.convert("RGB")
+
+
+def safe_filename(name):
+    """name (a qid, say) as a piece of one file name: characters outside [A-Za-z0-9_.-] and a leading dot
+    become '_', so '../x' or 'a/b' cannot leave the directory; when anything changed, a short hash of the
+    original keeps distinct names distinct ('1:2' and '1_2')."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    safe = "_" + safe[1:] if safe.startswith(".") else safe
+    return safe if safe == name and safe else f"{safe}_{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
 
 def smart_size(height, width, factor, min_pixels, max_pixels):
@@ -226,28 +283,73 @@ class ImageOnlyProcessor(Qwen2_5_VLProcessor):
 
     Its text side is the same for Qwen2-VL, Qwen2.5-VL and Qwen3-VL images: each <|image_pad|> becomes
     (grid_h * grid_w / 4) copies, and mm_token_type_ids marks them (without it the model silently
-    falls back to 1-D positions)."""
+    falls back to 1-D positions). Saved, it declares its family's stock processor (stock_class, e.g.
+    Qwen2_5_VLProcessor) instead of itself, so stock loaders read our checkpoints (docs/spec.md §11)."""
     attributes = ["image_processor", "tokenizer"]
+    stock_class = "Qwen2_5_VLProcessor"  # set per family by make_processor; not an __init__ argument, so not saved
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         super().__init__(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
                          chat_template=chat_template, **kwargs)
 
+    def to_dict(self):
+        return {**super().to_dict(), "processor_class": self.stock_class}  # processor_config.json
 
-def make_processor(tokenizer, patch_size=14, min_pixels=28 * 28, max_pixels=1024 * 28 * 28):
+    def save_pretrained(self, save_directory, **kwargs):
+        files = super().save_pretrained(save_directory, **kwargs)
+        self.tokenizer._set_processor_class(self.stock_class)  # its config names the processor too: say the stock one
+        self.tokenizer.save_pretrained(save_directory)
+        # the image settings once more as the flat preprocessor_config.json that released Qwen checkpoints ship
+        # and transformers 4.x loaders (vLLM among them) read; transformers 5 reads the nested copy first
+        size = self.image_processor.size
+        flat = {**self.image_processor.to_dict(), "processor_class": self.stock_class,
+                "min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"]}
+        path = os.path.join(save_directory, "preprocessor_config.json")
+        write_json(path, flat)
+        return files + [path]
+
+
+# model_type -> the processor class stock loaders build for it (AutoProcessor, vLLM)
+STOCK_PROCESSORS = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}
+
+
+def make_processor(tokenizer, patch_size=14, min_pixels=28 * 28, max_pixels=1024 * 28 * 28, arch=None,
+                   image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD, merge_size=MERGE, temporal_patch_size=2):
+    """Our processor; the image settings default to Qwen2/2.5-VL's (CLIP mean/std), a checkpoint's own come
+    from load_processor. arch names the family it declares when saved (default: by patch size)."""
     with open(CHAT_TEMPLATE_PATH) as f:
         template = f.read()
-    image_processor = Qwen2VLImageProcessorPil(patch_size=patch_size, merge_size=MERGE,
-                                               min_pixels=min_pixels, max_pixels=max_pixels)
-    return ImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
+    image_processor = Qwen2VLImageProcessorPil(patch_size=patch_size, merge_size=merge_size,
+                                               temporal_patch_size=temporal_patch_size, image_mean=list(image_mean),
+                                               image_std=list(image_std), min_pixels=min_pixels, max_pixels=max_pixels)
+    processor = ImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
+    processor.stock_class = STOCK_PROCESSORS[arch or ("qwen3_vl" if patch_size == 16 else "qwen2_5_vl")]
+    return processor
+
+
+def image_processor_config(path):
+    """The image settings a directory declares, as transformers 5 finds them: processor_config.json's nested
+    "image_processor", else preprocessor_config.json (what released Qwen checkpoints ship); {} if neither
+    (a bare tokenizer directory, like the toy's)."""
+    nested = os.path.join(path, "processor_config.json")
+    if os.path.isfile(nested) and isinstance(read_json(nested).get("image_processor"), dict):
+        return read_json(nested)["image_processor"]
+    flat = os.path.join(path, "preprocessor_config.json")
+    return read_json(flat) if os.path.isfile(flat) else {}
 
 
 def load_processor(path, min_pixels, max_pixels):
-    """Processor for a local model or tokenizer directory; pixel limits are always explicit."""
+    """Processor for a local model or tokenizer directory. Mean/std, patch, merge and temporal patch come from
+    its own preprocessor config when it has one (Qwen3-VL normalises by 0.5/0.5, not CLIP's), else the
+    defaults; the pixel limits are always the arguments."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"processor {path!r}: no such local directory (nothing is ever downloaded)")
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return make_processor(tokenizer, model_patch_size(path), min_pixels, max_pixels)
+    config = image_processor_config(path)
+    own = {k: config[k] for k in ("image_mean", "image_std", "merge_size", "temporal_patch_size") if k in config}
+    arch = model_type(path) if os.path.exists(os.path.join(path, "config.json")) else None
+    return make_processor(tokenizer, config.get("patch_size", model_patch_size(path)), min_pixels, max_pixels,
+                          arch=arch, **own)
 
 # -----------------------------------------------------------------------------
 # training: batches, FSDP2 sharding and checkpoints, shared by sft.py, rsft.py and grpo.py
@@ -284,38 +386,143 @@ def load_view(path, size):
     return img if img.size == tuple(size) else img.resize(tuple(size), Image.BICUBIC)
 
 
-def shard(model, world_size):
-    """FSDP2 under torchrun: the vision tower, each decoder layer, then the root; one process keeps the plain model."""
-    if world_size == 1:
+def shard(model, world_size, compute_dtype=torch.float32):
+    """FSDP2: the vision tower, each decoder layer, then the root. The parameters stay in the dtype they were
+    loaded in (fp32 for training: the master weights, and AdamW's state with them); with a lower compute
+    dtype each unit all-gathers its weights in that dtype for forward and backward and reduces gradients in
+    fp32 (MixedPrecisionPolicy, docs/spec.md §11). One process in fp32 keeps the plain model; one process
+    with bf16 compute runs as a 1-rank group, so that it computes exactly what the 8-GPU run does."""
+    if world_size == 1 and compute_dtype == torch.float32:
         return model
-    from torch.distributed.fsdp import fully_shard
-    fully_shard(model.model.visual)  # its own unit: a frozen tower never shares a parameter group with trained weights
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    if not dist.is_initialized():  # one process: a 1-rank group from an in-memory store
+        backend = "nccl" if next(model.parameters()).is_cuda else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    mixed = compute_dtype != torch.float32
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if mixed else MixedPrecisionPolicy()
+    fully_shard(model.model.visual, mp_policy=policy)  # its own unit: a frozen tower never shares a parameter group
     for layer in model.model.language_model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
     return model
 
+# checkpoints: {path}/ holds the Hugging Face model (weights in the run's dtype, processor) for inference, and
+# trainer_state.json + trainer_state/rank{r}.safetensors (each rank's shard of the fp32 master weights and
+# AdamW state: a resume loads only its own shard, and no pickle is ever read). The whole directory is written
+# as {path}.tmp and renamed into place, so a kill leaves the previous checkpoint or the new one, never a mix.
 
-def save_checkpoint(model, processor, optimizer, step, path, world_size, stopped_at=None):
-    """HF-format model (full state dict) and the optimizer state, written by rank 0."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(model, options=options)
-    optim_state = get_optimizer_state_dict(model, optimizer, options=options)
-    if is_rank0():
-        model.save_pretrained(path, state_dict=model_state)
-        processor.save_pretrained(path)
-        atomic_write(os.path.join(path, "trainer_state.pt"), lambda f: torch.save(
-            {"step": step, "stopped_at": stopped_at, "optimizer": optim_state}, f), mode="wb")
-    if world_size > 1:
+
+def _local(t):
+    return t.to_local() if hasattr(t, "to_local") else t  # a DTensor's shard on this rank
+
+
+def trainer_tensors(model, optimizer):
+    """This rank's master weights and optimizer state as flat {name: tensor}."""
+    out = {f"model/{n}": _local(p.detach()) for n, p in model.named_parameters()}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for k, v in optimizer.state.get(p, {}).items():
+                out[f"optim/{names[id(p)]}/{k}"] = _local(v)
+    return {k: v.detach().contiguous().cpu().clone() for k, v in out.items()}
+
+
+def save_checkpoint(model, processor, optimizer, step, path, world_size, save_dtype=torch.float32, extra=None):
+    """The checkpoint of a training step (see above). extra: JSON-able values kept in trainer_state.json."""
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    rank, tmp = (dist.get_rank() if dist.is_initialized() else 0), path.rstrip("/") + ".tmp"
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # collective
+    if rank == 0:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(os.path.join(tmp, "trainer_state"))
+    barrier()
+    save_file(trainer_tensors(model, optimizer), os.path.join(tmp, "trainer_state", f"rank{rank}.safetensors"),
+              metadata={"step": str(step), "world_size": str(world_size)})
+    barrier()
+    if rank == 0:
+        weights = {k: v.to(save_dtype) if v.is_floating_point() else v for k, v in full.items()}
+        model.config.dtype = save_dtype  # what config.json says the weights are
+        model.save_pretrained(tmp, state_dict=weights)
+        processor.save_pretrained(tmp)
+        groups = [{k: v for k, v in g.items() if k != "params" and isinstance(v, (int, float, bool, str, list, tuple))}
+                  for g in optimizer.param_groups]
+        write_json(os.path.join(tmp, "trainer_state.json"), {"step": step, "world_size": world_size,
+                                                               "param_groups": groups, **(extra or {})})
+        swap_into_place(tmp, path)
+    barrier()
+
+
+def swap_into_place(tmp, path):
+    """Replace the directory path by tmp: path -> path.old, tmp -> path, remove path.old (recover_checkpoint
+    finishes the job if a kill falls between)."""
+    old = path.rstrip("/") + ".old"
+    if os.path.exists(old):
+        shutil.rmtree(old)
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if os.path.exists(old):
+        shutil.rmtree(old)
+
+
+def recover_checkpoint(path):
+    """After a kill during swap_into_place: put the newest complete directory back at path (rank 0 only)."""
+    tmp, old = path.rstrip("/") + ".tmp", path.rstrip("/") + ".old"
+    if not os.path.exists(path):
+        for candidate in (tmp, old):
+            if os.path.exists(os.path.join(candidate, "trainer_state.json")):
+                os.replace(candidate, path)
+                break
+    for leftover in (tmp, old):
+        if os.path.exists(leftover):
+            shutil.rmtree(leftover)
+
+
+def barrier():
+    if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
 
 
+def read_trainer_state(path):
+    """{path}/trainer_state.json, or None when path holds no resumable checkpoint."""
+    if is_rank0():
+        recover_checkpoint(path)
+    barrier()
+    state_path = os.path.join(path, "trainer_state.json")
+    return read_json(state_path) if os.path.exists(state_path) else None
+
+
 def load_trainer_state(model, optimizer, path):
-    """Restore the optimizer from {path}/trainer_state.pt; returns the state dict (step, stopped_at, ...)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
-    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    """Restore this rank's master weights and optimizer state from a checkpoint; returns trainer_state.json.
+    A checkpoint of another world size, a missing or torn shard, or one of another step is an error naming it."""
+    from safetensors import safe_open
+    state = read_json(os.path.join(path, "trainer_state.json"))
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if state["world_size"] != world:
+        raise ValueError(f"{path}: saved by {state['world_size']} ranks, resumed by {world}: resume with the same world size")
+    shard_path = os.path.join(path, "trainer_state", f"rank{rank}.safetensors")
+    try:
+        with safe_open(shard_path, framework="pt") as f:
+            saved_step, tensors = f.metadata().get("step"), {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # missing, torn or not a safetensors file
+        raise ValueError(f"{shard_path}: cannot read this rank's trainer state ({e})") from None
+    if saved_step != str(state["step"]):
+        raise ValueError(f"{shard_path}: holds step {saved_step} but {path}/trainer_state.json says {state['step']}")
+    names = {id(p): n for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            _local(p).copy_(tensors[f"model/{n}"])
+        for group, saved in zip(optimizer.param_groups, state["param_groups"]):
+            group.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+            for p in group["params"]:
+                for key in [k for k in tensors if k.startswith(f"optim/{names[id(p)]}/")]:
+                    value = tensors[key].to(_local(p).device)
+                    if hasattr(p, "device_mesh") and value.dim() > 0:  # an FSDP2 shard: rebuild the DTensor
+                        from torch.distributed.tensor import DTensor
+                        value = DTensor.from_local(value, p.device_mesh, p.placements, run_check=False)
+                    optimizer.state[p][key.rsplit("/", 1)[1]] = value
     return state
 
 # -----------------------------------------------------------------------------
@@ -362,6 +569,8 @@ def load_model(path, dtype=torch.float32, device="cpu", attn=None):
 def tiny_config(arch, tokenizer, n_layer=4, n_embd=128, n_head=4, n_kv_head=2, vision_depth=2,
                 vision_hidden=64, vision_heads=2):
     """A from-scratch config of the real class, small enough to train on a laptop CPU."""
+    if arch not in ARCHS:
+        raise ValueError(f"arch={arch!r}: expected one of {', '.join(ARCHS)}")
     _, config_class, patch = ARCHS[arch]
     head_dim = n_embd // n_head
     half = head_dim // 2  # mrope_section splits the rotary half of head_dim into (t, h, w)
@@ -399,6 +608,39 @@ def model_inputs(batch, device):
     """The keys the model's forward takes, moved to the device."""
     keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
     return {k: batch[k].to(device) for k in keys if k in batch and batch[k] is not None}
+
+
+def final_hidden_states(model, inputs):
+    """(B, L, D) hidden states after the final norm: the model's own forward with its LM head skipped, so the
+    (L, V) logits are never built. The head is swapped for an identity for the call (FSDP's hooks stay on
+    the model and its layers; the head's weight is read by token_logprobs)."""
+    head, model.lm_head = model.lm_head, torch.nn.Identity()
+    try:
+        return model(**inputs, use_cache=False).logits
+    finally:
+        model.lm_head = head
+
+
+def _chunk_logprobs(head, hidden, targets, temperature):
+    logits = head(hidden).float()  # (B, c, V): one chunk's logits, the only ones alive
+    if temperature > 0:
+        logits = logits / temperature
+    return torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
+
+
+def token_logprobs(model, batch, device, temperature=1.0, chunk=1024):
+    """(B, L-1) log-prob of each next token under the model, at a temperature (the sampler's distribution).
+    The LM head runs on `chunk` positions at a time and is recomputed in backward (activation
+    checkpointing), so memory holds one (B, chunk, V) fp32 block instead of (B, L, V) (docs/spec.md §11)."""
+    from torch.utils.checkpoint import checkpoint
+    hidden = final_hidden_states(model, model_inputs(batch, device))[:, :-1]  # (B, L-1, D) predicts tokens 1..L-1
+    targets = batch["input_ids"][:, 1:].to(device)
+    parts = []
+    for s in range(0, hidden.shape[1], chunk):
+        args = (model.lm_head, hidden[:, s:s + chunk], targets[:, s:s + chunk], temperature)
+        parts.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled()
+                     else _chunk_logprobs(*args))
+    return torch.cat(parts, dim=1)
 
 
 def count_params(model):

@@ -110,7 +110,7 @@ def build_embedder(device, torch_dtype):
     model = common.build_tiny_model(arch, tokenizer, seed=seed, n_layer=embed_n_layer, n_embd=embed_n_embd,
                                     n_head=embed_n_head, n_kv_head=embed_n_kv_head,
                                     vision_depth=embed_vision_depth, vision_hidden=embed_vision_hidden)
-    processor = common.make_processor(tokenizer, common.ARCHS[arch][2], embed_min_pixels, embed_max_pixels)
+    processor = common.make_processor(tokenizer, common.ARCHS[arch][2], embed_min_pixels, embed_max_pixels, arch=arch)
     return model.to(device=device, dtype=torch_dtype), processor
 
 

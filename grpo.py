@@ -48,6 +48,7 @@ window = 20                # candidates per prompt: the top of the stage-0 list 
 shuffle_window = True      # show them in a random order: stage 0 was trained on these queries, so its order would be a shortcut
 reward = "paper"           # paper | release (docs/spec.md §4)
 use_tools = True           # False: the text-only ablation (no tools in the prompt, rollout or reward)
+prompt_style = "release"  # release | release_500 | compact (the toy's): docs/spec.md §3, §10
 max_steps = 500            # ~1 epoch over the release's RL prompts at 128 prompts per step
 prompts_per_step = 128     # P, over all ranks (a multiple of the world size): 16 per GPU on 8
 group_size = 8             # G trajectories per prompt
@@ -65,12 +66,14 @@ dual_clip = 3.0            # bound on -rho*A for A < 0 (0 = off)
 beta = 0.0                 # k3 KL to the initial policy; 0 = no reference model at all
 ppo_epochs = 1             # optimizer steps per rollout batch (1 = on-policy)
 micro_batch_size = 2       # trajectories per training forward
+gen_kv_gib = 16.0          # KV cache per rank for one generation chunk (a step's groups are generated in chunks)
 learning_rate = 1e-6
 warmup_steps = 10          # linear warm-up, then constant
 weight_decay = 0.01
 grad_clip = 1.0
 freeze_vision = True
 grad_checkpointing = True
+logprob_chunk = 1024       # positions whose (chunk, vocab) logits exist at once in the loss (docs/spec.md §11)
 prompt_min_pixels = 3136   # candidate images in the prompt ...
 prompt_max_pixels = 200704  # (448x448)
 tool_min_pixels = 3136     # ... and images the tools return
@@ -121,20 +124,9 @@ def aggregate(loss, mask, how, n_tokens, n_seqs, max_len):
     raise ValueError(f"loss_agg={how!r}: expected token-mean, seq-mean or dr-grpo")
 
 
-def sampled_logprobs(model, batch, device, temperature=1.0):
-    """(B, L-1) log-prob of each next token under model (one forward over the full sequences), at the
-    sampling temperature: the distribution the rollout drew from, so the ratio and gradient are on-policy."""
-    inputs = common.model_inputs(batch, device)
-    logits = model(**inputs, use_cache=False).logits[:, :-1].float()  # (B, L-1, V)
-    if temperature > 0:
-        logits = logits / temperature
-    targets = batch["input_ids"][:, 1:].to(device)
-    return torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
-
-
 # the settings the update reads, passed as one dict (grpo.py's own globals in main, a test's values in tests)
 UPDATE_KEYS = ("ppo_epochs", "temperature", "clip_eps_low", "clip_eps_high", "dual_clip", "beta", "loss_agg",
-               "max_response_tokens", "grad_clip")
+               "max_response_tokens", "grad_clip", "logprob_chunk")
 
 
 def policy_update(model, optimizer, params, batches, advantages, n_seqs, hp, world_size, device, reference=None):
@@ -151,13 +143,13 @@ def policy_update(model, optimizer, params, batches, advantages, n_seqs, hp, wor
     if epochs > 1 or reference is not None:  # recorded before the first update
         with torch.no_grad():
             for i, b in enumerate(batches):
-                logp_old[i] = sampled_logprobs(model, b, device, temp) if epochs > 1 else None
-                logp_ref[i] = sampled_logprobs(reference, b, device, temp) if reference is not None else None
+                logp_old[i] = common.token_logprobs(model, b, device, temp, hp['logprob_chunk']) if epochs > 1 else None
+                logp_ref[i] = common.token_logprobs(reference, b, device, temp, hp['logprob_chunk']) if reference is not None else None
     sums = {}
     for epoch in range(epochs):
         sums = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "tokens": 0.0}
         for i, (b, adv) in enumerate(zip(batches, adv_chunks)):
-            logp = sampled_logprobs(model, b, device, temp)  # (B, L-1)
+            logp = common.token_logprobs(model, b, device, temp, hp['logprob_chunk'])  # (B, L-1)
             old = logp.detach() if logp_old[i] is None else logp_old[i]
             mask = b["loss_mask"][:, 1:].to(device)  # 1 = a token the policy sampled
             loss_tok, kl, clipped = token_losses(logp, old, adv.to(device), hp["clip_eps_low"], hp["clip_eps_high"],
@@ -198,19 +190,20 @@ def check_settings(world_size):
         raise ValueError(f"prompts_per_step={prompts_per_step} is not a multiple of the world size {world_size}")
 
 
-def load_policy(start_from, device, torch_dtype, world_size):
-    """The policy (sharded under torchrun), its processor, the AdamW over its trained weights, and the frozen
-    reference when beta > 0."""
-    model = common.load_model(start_from, dtype=torch_dtype, device=device)
+def load_policy(start_from, device, compute_dtype, world_size):
+    """The policy (fp32 master weights, sharded, computing in compute_dtype), its processor, the AdamW over its
+    trained weights, and the frozen reference when beta > 0."""
+    model = common.load_model(start_from, dtype=torch.float32, device=device)
     processor = common.load_processor(start_from, min(prompt_min_pixels, tool_min_pixels), max(prompt_max_pixels, tool_max_pixels))
     reference = None
     if beta > 0:  # the initial policy, frozen
-        reference = common.shard(common.load_model(policy, dtype=torch_dtype, device=device).eval().requires_grad_(False), world_size)
+        reference = common.load_model(policy, dtype=compute_dtype, device=device).eval().requires_grad_(False)
+        reference = common.shard(reference, world_size, compute_dtype)
     if freeze_vision:
         model.model.visual.requires_grad_(False)
     if grad_checkpointing:
         model.gradient_checkpointing_enable()
-    model = common.shard(model, world_size)
+    model = common.shard(model, world_size, compute_dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
     return model, processor, optimizer, params, reference
@@ -226,8 +219,9 @@ def step_prompts(ranked, order, step, rank, world_size, benchmark, load, factor)
         dids = task.window_order(r["cands"][:window], (seed, step, rank * per_rank + j)) if shuffle_window else r["cands"][:window]
         q = queries[r["qid"]]
         prompts.append(task.window_prompt(q, [pool[d] for d in dids], instructions, load, use_tools, prompt_min_pixels,
-                                          prompt_max_pixels, factor, max_calls))
+                                          prompt_max_pixels, factor, max_calls, prompt_style))
         positives.append(task.positive_position(dids, q.get("pos_cand_list")))
+        prompts[-1]["key"] = (step, rank * per_rank + j)  # samples keyed by step and prompt: any world size draws the same
     return prompts, positives
 
 
@@ -263,13 +257,13 @@ def main():
     ranked = common.read_jsonl(ranked_train, required=("qid", "cands"))
     task.check_ranked(ranked, *benchmark[:2], window, ranked_train)
     model_path = os.path.join(out_dir, "model")
-    resuming = resume and os.path.exists(os.path.join(model_path, "trainer_state.pt"))
-    start_from = model_path if resuming else policy
-    model, processor, optimizer, params, reference = load_policy(start_from, device, common.torch_dtype(dtype), world_size)
+    resuming = resume and common.read_trainer_state(model_path) is not None
+    start_from, compute_dtype = model_path if resuming else policy, common.torch_dtype(dtype)
+    model, processor, optimizer, params, reference = load_policy(start_from, device, compute_dtype, world_size)
     start = common.load_trainer_state(model, optimizer, model_path)["step"] if resuming else 0
     if resuming:
         print0(f"resuming from step {start}")
-    engine = Engine(model, processor, use_tools, max_calls, tool_min_pixels, tool_max_pixels)
+    engine = Engine(model, processor, use_tools, max_calls, tool_min_pixels, tool_max_pixels, gen_kv_gib, compute_dtype)
     image_token_id, pad_id = model.config.image_token_id, processor.tokenizer.pad_token_id
     hp = {k: globals()[k] for k in UPDATE_KEYS}
     wandb = NoWandb()
@@ -292,8 +286,7 @@ def main():
         prompts, positives = step_prompts(ranked, order, step, rank, world_size, benchmark, load, engine.factor)
         model.eval()
         with torch.no_grad():
-            trajs = engine.generate(prompts, group_size, temperature, top_p, max_new_tokens, max_response_tokens,
-                                    seed=seed + step * world_size + rank)
+            trajs = engine.generate(prompts, group_size, temperature, top_p, max_new_tokens, max_response_tokens, seed=seed)
         # 2. rewards and group advantages
         rewards, stats = score(trajs, positives)
         advantages = group_advantages(rewards, scale_std, adv_eps).flatten()  # (P_rank * G,) prompt-major
@@ -315,8 +308,8 @@ def main():
                    f"tools {log['tool_rate']:.2f} | len {log['response_len']:.0f} | zero-std {log['zero_std_groups']:.2f} | "
                    f"kl {log['kl']:.4f} | clip {log['clip_frac']:.3f} | {time.time() - t0:.0f}s")
         if save_every and (step + 1) % save_every == 0 and step + 1 < max_steps:
-            common.save_checkpoint(model, processor, optimizer, step + 1, model_path, world_size)
-    common.save_checkpoint(model, processor, optimizer, max_steps, model_path, world_size)
+            common.save_checkpoint(model, processor, optimizer, step + 1, model_path, world_size, compute_dtype)
+    common.save_checkpoint(model, processor, optimizer, max_steps, model_path, world_size, compute_dtype)
     print0(f"saved {model_path}")
     common.dist_cleanup()
 

@@ -40,6 +40,7 @@ top_n = 50                 # rerank this many stage-0 candidates ...
 window = 20                # ... in windows of this size ...
 stride = 10                # ... moving back to front by this stride
 use_tools = True           # False: tools absent from the prompt, tool tags never executed
+prompt_style = "release"  # release | release_500 | compact (the toy's): docs/spec.md §3, §10
 max_calls = 2              # tool calls per trajectory; a call past it is run but ends the trajectory
 max_new_tokens = 4096      # tokens per generation (one assistant turn)
 max_response_tokens = 12288  # generated + observation tokens per trajectory
@@ -50,6 +51,7 @@ prompt_max_pixels = 200704  # (448x448)
 tool_min_pixels = 3136     # images returned by the tools
 tool_max_pixels = 2000000
 batch_queries = 8          # queries reranked side by side
+gen_kv_gib = 16.0          # KV cache per rank for one generation chunk (the batch is split to fit)
 dtype = "bfloat16"         # bfloat16 | float32 (the toy, CPU)
 seed = 1337
 # -----------------------------------------------------------------------------
@@ -73,7 +75,7 @@ def already_done(reranked_path, traj_path, rank, world_size):
     return done
 
 
-def rerank_batch(engine, batch, benchmark, batch_index):
+def rerank_batch(engine, batch, benchmark):
     """Slide the windows over a batch of queries, all queries' windows of one position in one generate();
     returns (trajectory records, reranked records)."""
     queries, pool, instructions = benchmark
@@ -95,14 +97,15 @@ def rerank_batch(engine, batch, benchmark, batch_index):
             start = starts[r["qid"]][w]
             block = orders[r["qid"]][start:start + window]
             prompts.append(task.window_prompt(queries[r["qid"]], [pool[d] for d in block], instructions, original,
-                                              use_tools, prompt_min_pixels, prompt_max_pixels, engine.factor, max_calls))
+                                              use_tools, prompt_min_pixels, prompt_max_pixels, engine.factor, max_calls, prompt_style))
+            prompts[-1]["key"] = (r["qid"], start)  # its samples are drawn from (seed, qid, window): resumable
             jobs.append((r["qid"], start, block, prompts[-1]["prompt_paths"]))
-        trajs = engine.generate(prompts, 1, temperature, top_p, max_new_tokens, max_response_tokens, seed=seed + batch_index)
+        trajs = engine.generate(prompts, 1, temperature, top_p, max_new_tokens, max_response_tokens, seed=seed)
         for (qid, start, block, prompt_paths), t in zip(jobs, trajs):
             orders[qid] = task.merge_window(orders[qid], start, window, t["answer"])
             images = [image_record(im, p) for im, p in zip(t["images"], prompt_paths)]
             for k, im in enumerate(t["images"][len(prompt_paths):]):
-                tool_path = os.path.join(out_dir, "images", f"{qid.replace(':', '_')}_w{start}_{k}.png")
+                tool_path = os.path.join(out_dir, "images", f"{common.safe_filename(qid)}_w{start}_{k}.png")  # qid: any string
                 im.save(tool_path)
                 images.append(image_record(im, os.path.abspath(tool_path)))
             traj_records.append({"qid": qid, "window_start": start, "window": block, "images": images,
@@ -128,13 +131,13 @@ def main():
            f"stride {stride}, top {top_n}, tools {'on' if use_tools else 'off'}")
     model = common.load_model(policy, dtype=common.torch_dtype(dtype), device=device).eval()
     processor = common.load_processor(policy, min(prompt_min_pixels, tool_min_pixels), max(prompt_max_pixels, tool_max_pixels))
-    engine = Engine(model, processor, use_tools, max_calls, tool_min_pixels, tool_max_pixels)
+    engine = Engine(model, processor, use_tools, max_calls, tool_min_pixels, tool_max_pixels, gen_kv_gib)
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
 
     mine = todo[rank::world_size]
     n_batches = math.ceil(math.ceil(len(todo) / world_size) / batch_queries)  # the same count on every rank
     for b in range(n_batches):
-        traj_records, rerank_records = rerank_batch(engine, mine[b * batch_queries:(b + 1) * batch_queries], benchmark, b)
+        traj_records, rerank_records = rerank_batch(engine, mine[b * batch_queries:(b + 1) * batch_queries], benchmark)
         if world_size > 1:  # rank 0 writes what every rank produced
             gathered = [None] * world_size
             dist.all_gather_object(gathered, (traj_records, rerank_records))

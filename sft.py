@@ -24,7 +24,6 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from PIL import Image
 
 import common
@@ -61,6 +60,7 @@ stop_loss = 0.0            # stop early once the mean loss of the last 25 steps 
 freeze_vision = True       # vision tower and projector frozen (the release's setting)
 vision_lr_mult = 1.0       # when trained: the vision tower's lr multiplier (a from-scratch tower learns slowly)
 grad_checkpointing = True
+logprob_chunk = 1024       # positions whose (chunk, vocab) logits exist at once in the loss (docs/spec.md §11)
 dtype = "bfloat16"         # bfloat16 | float32 (the toy, CPU)
 log_every = 10
 save_every = 500           # also checkpoint every N steps (0 = only at the end)
@@ -72,28 +72,47 @@ ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
 # the settings train() reads: sft.py passes its own, rsft.py its own (the same names)
 TRAIN_KEYS = ("epochs", "batch_size", "grad_accum", "learning_rate", "min_lr_frac", "warmup_frac", "weight_decay",
               "grad_clip", "stop_loss", "freeze_vision", "vision_lr_mult", "grad_checkpointing", "log_every",
-              "save_every", "resume", "seed")
+              "save_every", "resume", "seed", "logprob_chunk", "dtype")
 
 
 def load_records(paths, root):
     """ShareGPT records from .json (a list) or .jsonl files; errors name the file and record."""
-    records = []
+    records, checked = [], set()  # checked: image paths already opened (candidates recur across records)
     for path in [p for p in paths.split(",") if p]:
         path = common.resolve_path(path, root)
         items = common.read_json(path) if path.endswith(".json") else common.read_jsonl(path)
+        if not isinstance(items, list):
+            raise ValueError(f"{path}: expected a JSON list of records, got {type(items).__name__}")
         for i, rec in enumerate(items):
             where = f"{path}: record {i}"
+            if not isinstance(rec, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
             if not isinstance(rec.get("conversations"), list) or not rec["conversations"]:
                 raise ValueError(f"{where}: needs a non-empty 'conversations' list")
-            n_placeholders = sum(t.get("value", "").count("<image>") for t in rec["conversations"])
-            if n_placeholders != len(rec.get("images", [])):
-                raise ValueError(f"{where}: {n_placeholders} <image> placeholders but {len(rec.get('images', []))} images")
+            for j, t in enumerate(rec["conversations"]):
+                if not isinstance(t, dict) or not isinstance(t.get("value"), str):
+                    got = type(t.get("value") if isinstance(t, dict) else t).__name__
+                    raise ValueError(f"{where}: turn {j} needs a string 'value' (got {got})")
+            images = rec.get("images", [])
+            if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+                raise ValueError(f"{where}: 'images' must be a list of paths")
+            n_placeholders = sum(t["value"].count("<image>") for t in rec["conversations"])
+            if n_placeholders != len(images):
+                raise ValueError(f"{where}: {n_placeholders} <image> placeholders but {len(images)} images")
             bad = [t.get("from") for t in rec["conversations"] if t.get("from") not in ROLES]
             if bad:
                 raise ValueError(f"{where}: unknown role {bad[0]!r} (expected system, human or gpt)")
-            missing = [p for p in rec.get("images", []) if not os.path.exists(common.resolve_path(p, root))]
-            if missing:
-                raise FileNotFoundError(f"{where}: missing image {missing[0]}")
+            for p in images:  # open each image once now: a bad file fails here, not hours into training
+                full = common.resolve_path(p, root)
+                if full in checked:
+                    continue
+                if not os.path.exists(full):
+                    raise FileNotFoundError(f"{where}: missing image {p}")
+                try:
+                    common.check_image(full)
+                except common.ImageError as e:
+                    raise common.ImageError(f"{where}: {e}") from None
+                checked.add(full)
             records.append(rec)
     return records
 
@@ -141,13 +160,12 @@ def render(record, processor, root, prompt_pixels, tool_pixels):
     return {"input_ids": ids, "loss_mask": mask, "images": views}
 
 
-def token_loss_sum(model, batch, device):
-    """Summed cross-entropy over loss-mask tokens, and their count. Targets where mask is 0 are ignored."""
-    inputs = common.model_inputs(batch, device)
-    logits = model(**inputs, use_cache=False).logits[:, :-1].float()  # (B, L-1, V) predicts tokens 1..L-1
-    targets = batch["input_ids"][:, 1:].to(device).masked_fill(batch["loss_mask"][:, 1:].to(device) == 0, -100)
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum")
-    return loss, (targets != -100).sum()
+def token_loss_sum(model, batch, device, chunk=1024):
+    """Summed cross-entropy over loss-mask tokens, and their count: minus the log-probs of the targets where
+    the mask is 1, computed in chunks of positions (common.token_logprobs) so no (L, V) logits exist."""
+    logp = common.token_logprobs(model, batch, device, chunk=chunk)  # (B, L-1) predicts tokens 1..L-1
+    mask = batch["loss_mask"][:, 1:].to(device) == 1
+    return -(logp * mask).sum(), mask.sum()
 
 
 def build_model(start_from, device, torch_dtype):
@@ -160,7 +178,7 @@ def build_model(start_from, device, torch_dtype):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         model = common.build_tiny_model(arch, tokenizer, seed=seed, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
                                         n_kv_head=n_kv_head, vision_depth=vision_depth, vision_hidden=vision_hidden)
-        processor = common.make_processor(tokenizer, common.ARCHS[arch][2], *pixels)
+        processor = common.make_processor(tokenizer, common.ARCHS[arch][2], *pixels, arch=arch)
         return model.to(device=device, dtype=torch_dtype), processor
     return common.load_model(start_from, dtype=torch_dtype, device=device), common.load_processor(start_from, *pixels)
 
@@ -192,7 +210,8 @@ def train(model, processor, examples, out_path, cfg, rank, world_size, device):
             p.requires_grad_(False)
     if cfg["grad_checkpointing"]:
         model.gradient_checkpointing_enable()
-    model = common.shard(model, world_size)
+    compute_dtype = common.torch_dtype(cfg["dtype"])  # the masters stay fp32: common.shard
+    model = common.shard(model, world_size, compute_dtype)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     vision = {id(p) for p in model.model.visual.parameters()}
@@ -208,11 +227,10 @@ def train(model, processor, examples, out_path, cfg, rank, world_size, device):
         raise ValueError(f"{len(examples)} examples make {len(micro)} micro-batches, fewer than one step needs ({per_step})")
     total_steps = max(1, int(cfg["epochs"] * steps_per_epoch))
     warmup = max(1, int(cfg["warmup_frac"] * total_steps))
-    start, stopped_at = 0, None
-    state_path = os.path.join(out_path, "trainer_state.pt")
-    if cfg["resume"] and os.path.exists(state_path):
+    start, stopped_at, recent = 0, None, []  # recent: the losses before a resume, for stop_loss's window
+    if cfg["resume"] and common.read_trainer_state(out_path):
         state = common.load_trainer_state(model, optimizer, out_path)
-        start, stopped_at = state["step"], state.get("stopped_at")
+        start, stopped_at, recent = state["step"], state.get("stopped_at"), state.get("recent_losses", [])
         print0(f"resuming from step {start} of {total_steps}")
     image_token_id = model.config.image_token_id
     pad_id = processor.tokenizer.pad_token_id
@@ -234,7 +252,7 @@ def train(model, processor, examples, out_path, cfg, rank, world_size, device):
             group["lr"] = lr * group["lr_mult"]
         step_loss = 0.0
         for b in batches:
-            loss_sum, _ = token_loss_sum(model, b, device)
+            loss_sum, _ = token_loss_sum(model, b, device, cfg["logprob_chunk"])
             # FSDP averages gradients over ranks, so scale by world_size to get the global token mean
             (loss_sum * world_size / n_tokens.clamp(min=1)).backward()
             step_loss += loss_sum.item()
@@ -247,19 +265,22 @@ def train(model, processor, examples, out_path, cfg, rank, world_size, device):
         optimizer.zero_grad(set_to_none=True)
         losses.append(step_loss / max(1, n_tokens.item()))
         # the loss is global (all-reduced), so every rank stops at the same step
-        stop = cfg["stop_loss"] > 0 and len(losses) >= 25 and sum(losses[-25:]) / 25 < cfg["stop_loss"]
+        window = (recent + losses)[-25:]
+        stop = cfg["stop_loss"] > 0 and len(window) >= 25 and sum(window) / 25 < cfg["stop_loss"]
         if step % cfg["log_every"] == 0 or step == total_steps - 1 or stop:
             print0(f"step {step:5d}/{total_steps} | loss {losses[-1]:.4f} | grad norm {float(norm):.3f} | "
                    f"lr {lr:.2e} | {time.time() - t0:.0f}s")
         if stop:
-            print0(f"mean loss of the last 25 steps {sum(losses[-25:]) / 25:.4f} < stop_loss={cfg['stop_loss']}: "
+            print0(f"mean loss of the last 25 steps {sum(window) / 25:.4f} < stop_loss={cfg['stop_loss']}: "
                    f"stopped after step {step + 1} of {total_steps}")
             stopped_at = step + 1
             break
         if cfg["save_every"] and (step + 1) % cfg["save_every"] == 0 and step + 1 < total_steps:
-            common.save_checkpoint(model, processor, optimizer, step + 1, out_path, world_size)
+            common.save_checkpoint(model, processor, optimizer, step + 1, out_path, world_size, compute_dtype,
+                                   {"recent_losses": (recent + losses)[-25:]})
     # an early stop is saved as the whole run done (a rerun resumes to nothing), with where it stopped beside it
-    common.save_checkpoint(model, processor, optimizer, total_steps, out_path, world_size, stopped_at)
+    common.save_checkpoint(model, processor, optimizer, total_steps, out_path, world_size, compute_dtype,
+                           {"stopped_at": stopped_at, "recent_losses": (recent + losses)[-25:]})
     print0(f"saved {out_path}")
     return losses
 
@@ -267,12 +288,13 @@ def train(model, processor, examples, out_path, cfg, rank, world_size, device):
 def main():
     rank, local_rank, world_size, device = common.dist_setup()
     common.seed_everything(seed)
-    torch_dtype = common.torch_dtype(dtype)
+    common.torch_dtype(dtype)  # a bad dtype is an error before anything loads
     model_path = os.path.join(out_dir, "model")
-    resuming = resume and os.path.exists(os.path.join(model_path, "trainer_state.pt"))
-    model, processor = build_model(model_path if resuming else init_from, device, torch_dtype)
+    resuming = resume and common.read_trainer_state(model_path) is not None
+    # training keeps fp32 master weights whatever dtype computes (common.shard); checkpoints are saved in dtype
+    model, processor = build_model(model_path if resuming else init_from, device, torch.float32)
     if vision_from and not resuming:  # on resume the checkpoint already holds the tower
-        take_vision_tower(model, vision_from, device, torch_dtype)
+        take_vision_tower(model, vision_from, device, torch.float32)
     examples = load_examples(processor)
     print0(f"{len(examples)} records, mean {np.mean([len(e['input_ids']) for e in examples]):.0f} tokens, "
            f"{np.mean([sum(e['loss_mask']) for e in examples]):.0f} trained; model {common.count_params(model) / 1e6:.2f}M")

@@ -17,7 +17,14 @@ import common
 import tools
 
 # -----------------------------------------------------------------------------
-# the prompt (docs/spec.md §3)
+# the prompt (docs/spec.md §3, §10): three styles
+#   "release":     the release's prompt, byte for byte: the system_prompt and guideline that
+#                  verl-tool/examples/data_preprocess/pixel_reasoner/prepare_lamra_train.py writes (select_images
+#                  described as taking exactly one image); the default, for the released checkpoints
+#   "release_500": the pair prepare_lamra_train_500.py writes (a step-by-step system prompt, select_images of
+#                  several images); the scripts disagree on which one trained the checkpoints (docs/spec.md §10)
+#   "compact":     the project's own short wording, with the tool budget in it; the toy's (its tokenizer holds
+#                  these exact texts as single tokens, so they are frozen)
 
 SYSTEM_PROMPT = ("You are a retrieval assistant. Given a query and numbered candidates, rank the candidates "
                  "from most to least relevant to the query.")
@@ -25,20 +32,143 @@ GUIDELINES = ("Guidelines: rank all candidates from most to least relevant to th
               "inside <think></think>, then give the full ranking as <answer>[i1, i2, ...]</answer>.")
 TOOL_GUIDELINE = " Small details may be invisible at this resolution: inspect them with the tools first."
 
+# The release's strings are an interface of its checkpoints, copied byte for byte (docs/spec.md §10), quirks
+# included: the crop_image line lacks its final "}", and the release_500 system prompt ends in '""' + 2 newlines.
+RELEASE_CROP_SPEC = (
+    '{"type": "function", "function": {"name": "crop_image", "description": "Zoom in on the image based on the '
+    'bounding box coordinates.", "parameters": {"type": "object", "properties": {"bbox_2d": {"type": "array", '
+    '"description": "coordinates for bounding box of the area you want to zoom in. minimum value is 0 and maximum '
+    'value is the width/height of the image.", "items": {"type": "number"}}, "target_image": {"type": "number", '
+    '"description": "The index of the image to crop. Index from 1 to the number of images. Choose 1 to operate on '
+    'original image."}}, "required": ["bbox_2d", "target_image"]}}')
+RELEASE_SELECT_ONE_SPEC = (
+    '{"type": "function", "function": {"name": "select_images", "description": "Select exactly one candidate image '
+    'for detailed analysis from the provided candidate list.", "parameters": {"type": "object", "properties": '
+    '{"target_images": {"type": "array", "description": "List containing exactly one candidate image index to '
+    'select for detailed analysis (e.g., [3] to select candidate 3).", "items": {"type": "integer", "description": '
+    '"Candidate image index from 1 to the number of candidates."}, "minItems": 1, "maxItems": 1}}, "required": '
+    '["target_images"]}}}')
+RELEASE_SELECT_MANY_SPEC = (
+    '{"type": "function", "function": {"name": "select_images", "description": "Select specific candidate images '
+    'for detailed analysis from the provided candidate list.", "parameters": {"type": "object", "properties": '
+    '{"target_images": {"type": "array", "description": "List of candidate image indices to select for detailed '
+    'analysis (e.g., [1, 3, 5] to select candidates 1, 3, and 5).", "items": {"type": "integer", "description": '
+    '"Candidate image index from 1 to the number of candidates."}}}, "required": ["target_images"]}}}')
 
-def build_messages(query_text, has_query_image, instruction, cand_texts, cand_has_image, use_tools, max_calls=2):
-    """Chat messages of one window. Images come in placeholder order: query first, then candidates."""
-    system = SYSTEM_PROMPT + ("\n\n" + tools.tools_prompt(max_calls) if use_tools else "")
+
+def release_tool_block(select_spec):
+    """The Hermes-style tool block of the release's system prompts, around its two tool signatures."""
+    return ("You may call one or more functions to assist with the user query.\n\n"
+            "You are provided with function signatures within <tools></tools> XML tags:\n"
+            f"<tools>\n{RELEASE_CROP_SPEC}\n{select_spec}\n</tools>\n\n"
+            "For each function call, return a json object with function name and arguments within "
+            "<tool_call></tool_call> XML tags:\n"
+            '<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')
+
+
+RELEASE_INTRO = "You are a helpful assistant for multimodal retrieval tasks."
+RELEASE_SYSTEM = RELEASE_INTRO + "\n\n# Tools\n\n" + release_tool_block(RELEASE_SELECT_ONE_SPEC)
+RELEASE_GUIDELINE_HEAD = (
+    "Guidelines: You are given a query (which can be text, image, or both) and multiple candidate items (which can "
+    "be text, image, or both). Your task is to evaluate each candidate against the query and select the best match.")
+RELEASE_GUIDELINE_TOOLS = (
+    " Determine if it is beneficial to employ the given visual operations (tools). You can use the following tools:\n"
+    "1. `crop_image`: Zoom in on specific areas of the query image or selected candidate images for detailed "
+    "analysis\n"
+    "2. `select_images`: Select specific candidate images from the provided list for detailed comparison\n\n")
+RELEASE_GUIDELINE_TAIL = (
+    "Analyze the visual and textual features step by step and provide your final answer in the format:\n"
+    "<think>Your reasoning process here</think><answer>Directly answer with the most matching number</answer>")
+RELEASE_GUIDELINE = RELEASE_GUIDELINE_HEAD + RELEASE_GUIDELINE_TOOLS + RELEASE_GUIDELINE_TAIL
+
+RELEASE_500_INTRO = (
+    RELEASE_INTRO + " Your goal is to evaluate a query (which can be text, image, or both) against multiple "
+    "candidate items (which can be text, image, or both) and select the best matching candidate.")
+RELEASE_500_STEPS = (
+    "## Step-by-Step Analysis Process\n"
+    "1. **Analyze All Text and Image Content**: \n"
+    "First, thoroughly examine the textual and visual features of the query and each candidate. For text, read and "
+    "understand the content, context, and key points. For images, observe objects, colors, layout, and any relevant "
+    "details.\n"
+    "Compare the query to each candidate individually, noting similarities and differences.\n\n"
+    "2. **Assess Analysis Difficulty**:\n"
+    "Identify if any candidate image has areas that are hard to analyze due to small size, blurriness, or complex "
+    "details. This may require using `crop_image` to zoom in for a closer look.\n"
+    "If multiple candidates are similarly matching or difficult to distinguish, consider using `select_images` to "
+    "focus on a subset for detailed comparison.\n\n"
+    "3. **Decide on Tool Usage**:\n"
+    "Use `crop_image` only if zooming in on a specific image region would provide critical information not "
+    "available in the initial view. This tool is best for single images with high analysis difficulty.\n"
+    "Use `select_images` only if you need to narrow down candidates for in-depth analysis, such as when visual "
+    "features are subtle or multiple images require side-by-side inspection.\n"
+    "Tools should be employed sparingly; only when they significantly enhance your ability to evaluate the match."
+    "\n\n"
+    "4. **Perform Final Evaluation**:\n"
+    "After any tool usage, integrate the new insights into your analysis.\n"
+    "Select the candidate that best matches the query based on all available information.")
+RELEASE_500_SYSTEM = (RELEASE_500_INTRO + "\n\n" + RELEASE_500_STEPS + "\n\n## Tools \n"
+                      + release_tool_block(RELEASE_SELECT_MANY_SPEC) + '""\n\n')
+RELEASE_500_GUIDELINE_HEAD = ("Guidelines:Always begin by analyzing the query and all candidates in detail, covering "
+                              "both text and image components.\n")
+RELEASE_500_GUIDELINE_TOOLS = ("Use tools only when analysis is challenging and additional visual inspection would "
+                               "lead to a more accurate match.\n")
+RELEASE_500_GUIDELINE_TAIL = (
+    "After analysis, provide your reasoning in <think> tags and the final answer in <answer> tags. The answer should "
+    "be the only number index of the most matching candidate (e.g., <think>Your reasoning process here</think>"
+    "<answer>1</answer>).\n")
+RELEASE_500_GUIDELINE = RELEASE_500_GUIDELINE_HEAD + RELEASE_500_GUIDELINE_TOOLS + RELEASE_500_GUIDELINE_TAIL
+
+
+def system_and_guideline(style, use_tools, max_calls=2):
+    """(system prompt, guideline) of a style. The release has no text-only prompt: without tools, ours drops its
+    tool block and tool sentences (the "no tools" ablation, docs/spec.md §4). The release's prompts state no
+    tool budget, so max_calls only shows in the compact one."""
+    if style == "release":
+        return ((RELEASE_SYSTEM, RELEASE_GUIDELINE) if use_tools else
+                (RELEASE_INTRO, RELEASE_GUIDELINE_HEAD + " " + RELEASE_GUIDELINE_TAIL))
+    if style == "release_500":
+        return ((RELEASE_500_SYSTEM, RELEASE_500_GUIDELINE) if use_tools else
+                (RELEASE_500_INTRO, RELEASE_500_GUIDELINE_HEAD + RELEASE_500_GUIDELINE_TAIL))
+    if style == "compact":
+        return (SYSTEM_PROMPT + ("\n\n" + tools.tools_prompt(max_calls) if use_tools else ""),
+                GUIDELINES + (TOOL_GUIDELINE if use_tools else ""))
+    raise ValueError(f"prompt_style={style!r}: expected one of {', '.join(tools.STYLES)}")
+
+
+def lamra_format(text):
+    """A query or candidate text as the release's user turns show it (LamRA's M-BEIR loader, UniIR's
+    format_string): carriage returns dropped, outer whitespace then outer double quotes stripped, the first
+    letter upper case, and a final period unless it already ends in . ? or ! (docs/spec.md §10)."""
+    text = (text or "").replace("\r", "").strip().strip('"')
+    if not text:
+        return ""
+    text = text[0].upper() + text[1:]
+    return text if text[-1] in ".?!" else text + "."
+
+
+def build_messages(query_text, has_query_image, instruction, cand_texts, cand_has_image, use_tools, max_calls=2,
+                   style="release"):
+    """Chat messages of one window. Images come in placeholder order: query first, then candidates.
+    The release's user turn: Query:<image>{instruction} {query}Candidates:(1) <image>{text}(2) ...\\n\\n{guideline},
+    texts through lamra_format (the instruction alone, then with the query); the compact one as before."""
+    system, guideline = system_and_guideline(style, use_tools, max_calls)
     content = [{"type": "text", "text": "Query:"}]
     if has_query_image:
         content.append({"type": "image"})
-    content.append({"type": "text", "text": f"{instruction} {query_text}".strip() + "\nCandidates:"})
+    if style == "compact":
+        content.append({"type": "text", "text": f"{instruction} {query_text}".strip() + "\nCandidates:"})
+    else:
+        query = lamra_format(f"{lamra_format(instruction)} {query_text}")
+        content.append({"type": "text", "text": query + "Candidates:"})
     for i, (text, has_image) in enumerate(zip(cand_texts, cand_has_image), 1):
         content.append({"type": "text", "text": f"({i}) "})
         if has_image:
             content.append({"type": "image"})
-        content.append({"type": "text", "text": text or ""})
-    content.append({"type": "text", "text": "\n\n" + GUIDELINES + (TOOL_GUIDELINE if use_tools else "")})
+        if style == "compact":
+            content.append({"type": "text", "text": text or ""})
+        elif lamra_format(text):
+            content.append({"type": "text", "text": lamra_format(text)})
+    content.append({"type": "text", "text": "\n\n" + guideline})
     return [{"role": "system", "content": system}, {"role": "user", "content": content}]
 
 
@@ -73,14 +203,16 @@ def check_ranked(ranked, queries, pool, depth, where):
             raise ValueError(f"{where}: qid {r['qid']} ranks {missing[0]}, which is in none of the pool files")
 
 
-def window_prompt(q, cands, instructions, load, use_tools, min_pixels, max_pixels, factor, max_calls=2):
-    """The prompt of one window: messages, prompt-view images, original images for the tools, and the
-    paths of the prompt images (query first, then candidates). load(path) -> original image."""
+def window_prompt(q, cands, instructions, load, use_tools, min_pixels, max_pixels, factor, max_calls=2, style="release"):
+    """The prompt of one window: messages, prompt-view images, original images for the tools, the paths of the
+    prompt images (query first, then candidates) and the style (the tools' observations follow it).
+    load(path) -> original image."""
     q_img = load(q["query_img_path"]) if q.get("query_img_path") else None
     c_imgs = [load(c["img_path"]) if c.get("img_path") else None for c in cands]
     messages = build_messages(q.get("query_txt") or "", q_img is not None, common.pick_instruction(instructions, q["qid"]),
-                              [c.get("txt") or "" for c in cands], [im is not None for im in c_imgs], use_tools, max_calls)
-    return {"messages": messages, "tool_images": [q_img] + c_imgs,
+                              [c.get("txt") or "" for c in cands], [im is not None for im in c_imgs], use_tools, max_calls,
+                              style)
+    return {"messages": messages, "tool_images": [q_img] + c_imgs, "style": style,
             "prompt_images": [common.qwen_resize(im, min_pixels, max_pixels, factor) for im in [q_img] + c_imgs if im is not None],
             "prompt_paths": ([q["query_img_path"]] if q_img else []) + [c["img_path"] for c in cands if c.get("img_path")]}
 

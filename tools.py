@@ -8,14 +8,16 @@ The model writes one call per assistant turn, Qwen/Hermes style (generation stop
     </tool_call>
 
 Image indices: 0 is the query image, i >= 1 is candidate i of the current window.
-- select_images {"target_images": [i, ...]} (1 to 4 distinct indices): those images again, at tool resolution.
-- crop_image {"bbox_2d": [x1, y1, x2, y2], "target_image": i} (aliases zoom_in, crop_image_normalized):
-  a box whose four numbers are all <= 1 is normalised to [0, 1], otherwise it is in pixels of the original
-  image. The box is padded by 10% of the image size on each side, clamped to the image, grown to at least
-  28 px a side (around its centre, inside the image) and cut out. Coordinates become ints with Python's
-  round() (nearest integer, ties to even: 86.5 -> 86, 55.5 -> 56), applied once, after padding and clamping.
-Returned images are resized Qwen-style (common.qwen_resize); the WxH in the text is the returned size.
-A malformed call never raises: its observation is INVALID plus a one-line reason, and the rollout goes on.
+- select_images {"target_images": [i, ...]}: those images again, at tool resolution (as many as the window has
+  images; repeats allowed, as in the release).
+- crop_image {"bbox_2d": [x1, y1, x2, y2], "target_image": i} (aliases zoom_in, crop_image_normalized), the
+  release's geometry box for box (docs/spec.md §2): padding per axis min(0.1, 600 px / side) in normalised units;
+  a box whose four numbers are all <= 1 is normalised, otherwise it is in pixels and divided by the width and
+  height; padded, clamped to [0, 1], and cut at int(x * W), int(y * H) (truncation). target_image goes through
+  int() first, as in the release ("2" and 2.0 mean 2).
+Returned images are resized Qwen-style (common.qwen_resize); the WxH in the text is the (first) returned size.
+A malformed call never raises: its observation is INVALID plus a one-line reason made of our own words and
+numbers only (a model can spell <|image_pad|>: its text is never echoed), and the rollout goes on.
 """
 
 import json
@@ -30,10 +32,13 @@ from common import load_image, qwen_resize
 INVALID = "Your action is not valid, please check the format and try again."
 ALIASES = {"select_images": "select_images", "crop_image": "crop_image",
            "zoom_in": "crop_image", "crop_image_normalized": "crop_image"}
-MAX_SELECT = 4      # select_images takes 1 to 4 indices
-MIN_CROP_SIDE = 28  # at least one vision token per crop
-PAD = 0.1           # crop padding, as a fraction of the image size, on each side
+PAD, PAD_PX = 0.1, 600.0  # crop padding on each side: 10% of the side, at most 600 px (docs/spec.md §2)
+# the prompt styles (docs/spec.md §3, §10); the observations differ only in "compact" (the toy's), which keeps
+# the crop text without the release's newline before the image, the bytes the toy was trained on
+STYLES = ("release", "release_500", "compact")
 
+# the compact style's tool specs (tools_prompt); their text is frozen: the toy tokenizer holds the whole compact
+# system prompt as one token (data/toy/prepare.py), so "up to 4" stays although the tool takes more now
 TOOL_SPECS = [
     {"type": "function", "function": {
         "name": "select_images",
@@ -80,11 +85,14 @@ class ToolResult:
 # parsing and argument checks (model-written values are untrusted: check types before touching them)
 
 def _show(v):
-    """A short one-line rendering of a model-written value, for error reasons."""
-    if isinstance(v, (list, tuple, dict)):
-        return "a JSON array" if isinstance(v, (list, tuple)) else "a JSON object"
-    s = json.dumps(v) if v is None or isinstance(v, (bool, int, float)) else repr(v)
-    return s if len(s) <= 30 else s[:27] + "..."
+    """A model-written value for an error reason: a number or JSON constant we parsed, else only its type.
+    Never the model's own characters: it can spell a control token such as <|image_pad|> (docs/spec.md §2)."""
+    if v is None or isinstance(v, bool):
+        return json.dumps(v)
+    if isinstance(v, (int, float)):
+        s = repr(v)
+        return s if len(s) <= 30 else s[:27] + "..."
+    return {str: "a string", list: "a JSON array", dict: "a JSON object"}.get(type(v), "a value of another type")
 
 
 def _is_int(v):
@@ -115,7 +123,7 @@ def parse_tool_call(text):
     if not isinstance(name, str):
         return None, None, "the tool call needs a string name"
     if name not in ALIASES:
-        return None, None, f"unknown tool {_show(name)}, use select_images or crop_image"
+        return None, None, "unknown tool name, use select_images or crop_image"
     args = call.get("arguments")
     if not isinstance(args, dict):
         return None, None, "the tool call needs an arguments object"
@@ -130,7 +138,7 @@ def _arg(args, key):
 
 def _check_index(images, k, what):
     """Raise ValueError unless k indexes an image that exists (0 = query, i = candidate i)."""
-    if not _is_int(k):
+    if not _is_int(k):  # deviation: the release's isinstance(True, int) takes true as image 1
         raise ValueError(f"{what} must be an integer image index, got {_show(k)}")
     if not 0 <= k < len(images):
         raise ValueError(f"{what} {_show(k)} is out of range (0 to {len(images) - 1})")
@@ -138,20 +146,34 @@ def _check_index(images, k, what):
         raise ValueError("image 0, the query, has no image" if k == 0 else f"candidate {k} has no image")
 
 
+def _target_index(k):
+    """target_image through int(), as the release does (docs/spec.md §2): 2, 2.0, "2" (and 2.7) mean 2."""
+    if isinstance(k, bool):  # deviation: the release's int(True) is 1, but true is no image index
+        raise ValueError(f"target_image must be an integer image index, got {_show(k)}")
+    if isinstance(k, (int, float, str)):
+        try:
+            return int(k)
+        except (ValueError, OverflowError):  # "2.0", "x", nan, inf: the release rejects them too
+            pass
+    raise ValueError(f"target_image must be an integer image index, got {_show(k)}")
+
+
 def _bbox(bbox):
-    """Four finite floats with x2 > x1 and y2 > y1, or ValueError."""
-    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+    """Four finite floats, or ValueError. Order is not checked: the release pads and clamps any box."""
+    if not isinstance(bbox, list) or len(bbox) != 4:
         raise ValueError("bbox_2d must be a list of 4 numbers [x1, y1, x2, y2]")
+    # deviation: the release takes true/false as 1/0 (Python compares them as numbers); a box of booleans is
+    # a malformed call, so it is told so
     if not all(_is_number(v) for v in bbox):
         raise ValueError("bbox_2d must hold numbers only")
     try:
         x1, y1, x2, y2 = (float(v) for v in bbox)
-    except OverflowError:  # an integer too big for a float
+    except OverflowError:  # an integer too big for a float: the release's float() raises too
         raise ValueError("bbox_2d numbers must be finite") from None
+    # deviation: the release crops NaN and infinite coordinates somehow (a NaN's result even depends on the
+    # argument order of max()); no such box means a region, so it is an error
     if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
         raise ValueError("bbox_2d numbers must be finite")
-    if x2 <= x1 or y2 <= y1:
-        raise ValueError("bbox_2d is empty, it needs x2 > x1 and y2 > y1")
     return x1, y1, x2, y2
 
 # -----------------------------------------------------------------------------
@@ -167,45 +189,44 @@ def to_rgb(img):
     return img.convert("RGB")
 
 
-def _grow(lo, hi, size):
-    """Widen [lo, hi) to MIN_CROP_SIDE (or the whole side) around its centre, staying inside [0, size]."""
-    side = min(MIN_CROP_SIDE, size)
-    if hi - lo >= side:
-        return lo, hi
-    lo = min(max(int(round((lo + hi) / 2 - side / 2)), 0), size - side)
-    return lo, lo + side
+def _clamp01(v):
+    return min(max(0.0, v), 1.0)
 
 
 def crop_box(bbox, width, height):
-    """The integer pixel box (left, top, right, bottom) that crop_image cuts from a width x height image."""
+    """The integer pixel box (left, top, right, bottom) that crop_image cuts from a width x height image:
+    the release's geometry, step for step (docs/spec.md §2). Degenerate, inverted and outside boxes become
+    crops at the edge as in the release; one left with no pixels is an error (where the release crashes)."""
     x1, y1, x2, y2 = _bbox(bbox)
-    if max(x1, y1, x2, y2) <= 1:  # normalised
-        x1, x2, y1, y2 = x1 * width, x2 * width, y1 * height, y2 * height
-    if x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
-        raise ValueError(f"bbox_2d lies entirely outside the {width}x{height} image")
-    left = int(round(max(0.0, x1 - PAD * width)))
-    right = int(round(min(float(width), x2 + PAD * width)))
-    top = int(round(max(0.0, y1 - PAD * height)))
-    bottom = int(round(min(float(height), y2 + PAD * height)))
-    left, right = _grow(left, right, width)
-    top, bottom = _grow(top, bottom, height)
+    pad_x, pad_y = min(PAD, PAD_PX / width), min(PAD, PAD_PX / height)  # normalised units
+    if not (x1 <= 1 and y1 <= 1 and x2 <= 1 and y2 <= 1):  # pixels (the same float steps as the release)
+        x1, y1, x2, y2 = x1 / width, y1 / height, x2 / width, y2 / height
+    x1, y1 = _clamp01(x1 - pad_x), _clamp01(y1 - pad_y)
+    x2, y2 = _clamp01(x2 + pad_x), _clamp01(y2 + pad_y)
+    left, top, right, bottom = int(x1 * width), int(y1 * height), int(x2 * width), int(y2 * height)
+    if right <= left or bottom <= top:  # the release's resize of an empty crop fails (PIL refuses right < left)
+        raise ValueError(f"bbox_2d selects no pixels of the {width}x{height} image after padding and clamping")
     return left, top, right, bottom
 
 
 def crop_image(img, bbox, min_pixels, max_pixels, factor=28):
-    """The padded crop of bbox (normalised or pixels), resized Qwen-style."""
+    """The padded crop of bbox (normalised or pixels), resized Qwen-style. Unlike the old rule, a tiny crop is
+    not grown: qwen_resize brings it to at least factor x factor, as the release's resize does."""
     img = to_rgb(img)
     return qwen_resize(img.crop(crop_box(bbox, img.width, img.height)), min_pixels, max_pixels, factor)
 
 
 def select_images(images, indices, min_pixels, max_pixels, factor=28):
-    """images[i] for each index, in order, resized Qwen-style (1 to 4 distinct existing indices)."""
-    if not isinstance(indices, (list, tuple)) or not 1 <= len(indices) <= MAX_SELECT:
-        raise ValueError(f"target_images must be a list of 1 to {MAX_SELECT} image indices")
-    for k in indices:
+    """images[i] for each index, in order, resized Qwen-style (repeats allowed, as in the release)."""
+    if not isinstance(indices, list) or not indices:  # the release fails on an empty list too
+        raise ValueError("target_images must be a non-empty list of image indices")
+    # The release sets no cap (its response budget bounds the tokens), but every image is resized before the
+    # engine can check that budget, so [1, 1, 1, ...] x 10^5 would cost minutes and gigabytes first. At most
+    # as many indices as the window has images (query + candidates): every selection of distinct images fits.
+    if len(indices) > len(images):
+        raise ValueError(f"target_images has more than {len(images)} indices, the number of images here")
+    for k in indices:  # the release takes ints as they are here, no int() (but see _check_index on booleans)
         _check_index(images, k, "target_images item")
-    if len(set(indices)) != len(indices):
-        raise ValueError("target_images has duplicate indices")
     return [qwen_resize(to_rgb(images[k]), min_pixels, max_pixels, factor) for k in indices]
 
 # -----------------------------------------------------------------------------
@@ -215,23 +236,25 @@ def _size(img):
     return f"{img.width}x{img.height}"
 
 
-def execute_tool_call(text, images, min_pixels, max_pixels, factor=28):
-    """Parse the first tool call of a turn and run it on images (0 = query, i = candidate i, None = no image)."""
+def execute_tool_call(text, images, min_pixels, max_pixels, factor=28, style="release"):
+    """Parse the first tool call of a turn and run it on images (0 = query, i = candidate i, None = no image).
+    style is the prompt style (STYLES): "compact" writes the crop text without the release's newline."""
+    if style not in STYLES:
+        raise ValueError(f"style={style!r}: expected one of {', '.join(STYLES)}")
     name, args, error = parse_tool_call(text)
     if error is None:
         try:
             if name == "select_images":
                 out = select_images(images, _arg(args, "target_images"), min_pixels, max_pixels, factor)
-                sizes = [_size(im) for im in out]  # one WxH when all agree, else each in order
-                shown = sizes[0] if len(set(sizes)) == 1 else ", ".join(sizes)
+                # the release names the first image's size only, whatever the others' (docs/spec.md §2)
                 obs = (f"Here are the selected images for detailed analysis. "
-                       f"(Image Size: {shown}, Numbered 1 to {len(out)}):")
+                       f"(Image Size: {_size(out[0])}, Numbered 1 to {len(out)}):")
             else:
-                k = _arg(args, "target_image")
+                k = _target_index(_arg(args, "target_image"))
                 bbox = _arg(args, "bbox_2d")
                 _check_index(images, k, "target_image")
                 out = [crop_image(images[k], bbox, min_pixels, max_pixels, factor)]
-                obs = f"Here is the cropped image. (Image Size: {_size(out[0])})"
+                obs = f"Here is the cropped image. (Image Size: {_size(out[0])})" + ("" if style == "compact" else "\n")
         except ValueError as e:
             error = str(e)
     if error is not None:

@@ -58,19 +58,22 @@ def esc(value):
 
 def image_html(path, size, cache):
     """A box showing the image, or a placeholder naming a missing/unreadable file. Each file is inlined once,
-    as a PNG data URI in a CSS class (cache: path -> class), so images that recur cost nothing."""
+    as a PNG data URI in a CSS class (cache: path -> (class, URI), or why it cannot be shown), so images that
+    recur cost nothing."""
     if path not in cache:
         try:
             img = common.load_image(path)
-        except OSError:
-            cache[path] = None
+        except FileNotFoundError:
+            cache[path] = "missing"
+        except OSError:  # common.ImageError: truncated, corrupt or too large; one bad file never stops the page
+            cache[path] = "unreadable"
         else:
             img.thumbnail((2 * size, 2 * size))  # big originals shrink; small ones are scaled up by the browser
             buf = io.BytesIO()
             img.save(buf, format="PNG")
             cache[path] = (f"i{len(cache)}", "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii"))
-    if cache[path] is None:
-        return f'<span class="missing" style="width:{size}px">missing image: {esc(path)}</span>'
+    if isinstance(cache[path], str):
+        return f'<span class="missing" style="width:{size}px">{cache[path]} image: {esc(path)}</span>'
     return f'<span class="im {cache[path][0]}" role="img" title="{esc(path)}" style="width:{size}px;height:{size}px"></span>'
 
 
@@ -163,7 +166,7 @@ def trajectory_html(rec, query, pool, instructions, data_root, size, variant, ca
 
 def render_html(records, queries, pool, data_root, instructions=None, thumb_size=96, reward="paper", title="trajectories"):
     """The whole page for trajectory records (rollout.py's schema); queries by qid, pool by did."""
-    cache = {}  # path -> (CSS class, data URI) or None: candidates recur across windows and queries
+    cache = {}  # path -> (CSS class, data URI) or why not: candidates recur across windows and queries
     scores = [score(r, queries[r["qid"]], reward) for r in records]
     n = max(len(records), 1)
     summary = (f"{len(records)} trajectories of {len({r['qid'] for r in records})} queries &middot; "
@@ -172,7 +175,7 @@ def render_html(records, queries, pool, data_root, instructions=None, thumb_size
                f"tool-call rate {sum(r['n_valid_calls'] > 0 for r in records) / n:.1%}")
     body = [trajectory_html(r, queries[r["qid"]], pool, instructions or {}, data_root, thumb_size, reward, cache)
             for r in records]
-    images = "".join(f"\n.{c}{{background-image:url({uri})}}" for c, uri in filter(None, cache.values()))
+    images = "".join(f"\n.{c}{{background-image:url({uri})}}" for c, uri in (v for v in cache.values() if isinstance(v, tuple)))
     return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{esc(title)}</title><style>{STYLE}{images}</style>'
             f'</head><body><h2>{esc(title)}</h2><p class="meta">{summary}</p>\n' + "\n".join(body) + "\n</body></html>\n")
 

@@ -1,11 +1,9 @@
 # GRPO as the V-Retrver release ran it (docs/spec.md §5): Qwen2.5-VL-7B, 8 GPUs, FSDP2, bf16.
 # These are grpo.py's defaults, written out so that a run's settings can be read in one place:
 #   torchrun --nproc_per_node=8 grpo.py config/grpo_7b.py --policy=out/mbeir/rsft/model
-# Memory (per 80 GB GPU): the policy's bf16 weights, grads and fp32 AdamW state are sharded 8 ways
-# (~2 + 2 + 8 GB of ~16 + 16 + 64 GB in total for 8B parameters), but generation all-gathers the whole
-# policy on every rank (engine.unsharded: ~16 GB) plus the KV cache of its 16 prompts x 8 samples; the
-# training forward with gradient checkpointing then holds one layer's activations per micro-batch.
-# Lower micro_batch_size (or prompts_per_step) if a rank runs out of memory.
+# Memory per 80 GB GPU (python memory.py config/grpo_7b.py, computed): peak 41.3 GiB in generation, the
+# fp32 masters, gradients and AdamW state sharded 8 ways (14.5 GiB), the whole policy in bf16 (15.5 GiB)
+# and one chunk's KV (gen_kv_gib). Lower gen_kv_gib or micro_batch_size if a rank runs out of memory.
 
 reward = "paper"           # R = 0.2 format + 0.8 Gaussian rank + tool term
 use_tools = True
@@ -38,3 +36,5 @@ prompt_max_pixels = 200704  # candidates at up to 448x448 in the prompt
 tool_min_pixels = 3136
 tool_max_pixels = 2000000   # tool outputs at up to ~2M pixels
 save_every = 50
+gen_kv_gib = 16.0
+logprob_chunk = 1024

@@ -1,7 +1,8 @@
 # SFT as the V-Retrver release ran it (docs/spec.md §6): Qwen2.5-VL-7B-Instruct, 8 GPUs, FSDP2, bf16.
 # These are sft.py's defaults, written out so that a run's settings can be read in one place:
 #   torchrun --nproc_per_node=8 sft.py config/sft_7b.py --init_from=checkpoints/Qwen2.5-VL-7B-Instruct
-# Global batch 64 = 8 GPUs x batch_size 1 x grad_accum 8.
+# Global batch 64 = 8 GPUs x batch_size 1 x grad_accum 8. Memory per 80 GB GPU (python memory.py
+# config/sft_7b.py, computed): peak 36.6 GiB in training at T = 32,768 with gradient checkpointing.
 
 epochs = 2.0
 batch_size = 1
@@ -18,3 +19,4 @@ tool_max_pixels = 2000000
 grad_checkpointing = True
 dtype = "bfloat16"
 save_every = 500
+logprob_chunk = 1024

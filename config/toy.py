@@ -48,6 +48,7 @@ top_n = 5
 window = 5
 stride = 5
 max_calls = 2
+prompt_style = "compact"  # the project's short prompt and observations, as the toy tokenizer knows them (docs/spec.md §3)
 max_new_tokens = 256
 max_response_tokens = 1024  # rsft.py and grpo.py; the test reranks (rollout.py) get 2048 from data/toy/run.py
 

@@ -23,7 +23,8 @@ for layer in sharded.model.language_model.layers:
     fully_shard(layer)
 fully_shard(sharded)
 images = [common.qwen_resize(common.load_image(f"{toy_data}/images/test/pool/{i}.png"), 784, 784) for i in range(3)]
-prompt = {"messages": task.build_messages(f"query of rank {rank}", False, "", [""] * 3, [True] * 3, False),
+prompt = {"messages": task.build_messages(f"query of rank {rank}", False, "", [""] * 3, [True] * 3, False,
+                                         style="compact"),
           "prompt_images": images, "tool_images": [None] + images}
 new_tokens = 4 if rank == 0 else 25  # ranks generate different lengths
 results = []

@@ -22,7 +22,8 @@ reference = common.build_tiny_model("qwen2_5_vl", tokenizer, seed=0, **small).ev
 
 # the global batch: the same on every rank (same weights, same seed), 2 prompts x 4 samples
 images = [common.qwen_resize(common.load_image(f"{toy_data}/images/test/pool/{i}.png"), 784, 784) for i in range(3)]
-prompts = [{"messages": task.build_messages(f"query {p}", False, "", [""] * 3, [True] * 3, False),
+prompts = [{"messages": task.build_messages(f"query {p}", False, "", [""] * 3, [True] * 3, False,
+                                           style="compact"),
             "prompt_images": images, "tool_images": [None] + images} for p in range(2)]
 engine = Engine(model.eval(), processor, use_tools=False)
 with torch.no_grad():
@@ -32,7 +33,8 @@ advantages = grpo.group_advantages(rewards).flatten()
 examples = [{"input_ids": t["input_ids"], "loss_mask": t["loss_mask"], "images": t["images"]} for t in trajs]
 
 hp = {"ppo_epochs": 2, "temperature": 1.0, "clip_eps_low": 0.2, "clip_eps_high": 0.2, "dual_clip": 3.0, "beta": 0.1,
-      "loss_agg": loss_agg, "max_response_tokens": 64, "grad_clip": 1.0}
+      "loss_agg": loss_agg, "max_response_tokens": 64, "grad_clip": 1.0,
+      "logprob_chunk": 5}  # several chunks per sequence
 assert set(hp) == set(grpo.UPDATE_KEYS)
 mine = list(range(rank * 8 // world, (rank + 1) * 8 // world))  # this rank's share; micro-batches of 2
 batches = [common.collate([examples[i] for i in mine[j:j + 2]], processor,

@@ -161,7 +161,7 @@ def test_trajectories(sft, bench):
         cands = [by_path[p] for p in r["images"][int(has_q):int(has_q) + 5]]  # window from the image paths
         assert [c["did"] for c in cands] == r["cands"]
         messages = task.build_messages(q["query_txt"], has_q, common.pick_instruction(instructions, q["qid"]),
-                                          [""] * 5, [True] * 5, True)
+                                          [""] * 5, [True] * 5, True, style="compact")
         turns = r["conversations"]
         assert turns[:2] == task.to_sharegpt(messages)
         assert r["images"][:int(has_q)] == ([q["query_img_path"]] if has_q else [])

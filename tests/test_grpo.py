@@ -160,10 +160,10 @@ def test_training_logprobs_are_the_samplers_distribution(tokenizer, toy_data):
         t = traj["loss_mask"].index(1)  # the first generated token, predicted from position t - 1
         token = traj["input_ids"][t]
         row = model(**common.model_inputs(batch, "cpu"), use_cache=False).logits[0, t - 1].float()  # (V,)
-        draws = sample(row.expand(20000, -1), 0.5, 1.0, torch.Generator().manual_seed(0))  # (20000,)
+        draws = sample(row.expand(20000, -1), 0.5, 1.0, [torch.Generator().manual_seed(0)] * 20000)  # (20000,)
         freqs = torch.bincount(draws, minlength=row.numel()).float() / draws.numel()  # (V,) the sampler's
-        p_trained = grpo.sampled_logprobs(model, batch, "cpu", temperature=0.5)[0, t - 1].exp().item()
-        p_untempered = grpo.sampled_logprobs(model, batch, "cpu", temperature=1.0)[0, t - 1].exp().item()
+        p_trained = common.token_logprobs(model, batch, "cpu", temperature=0.5)[0, t - 1].exp().item()
+        p_untempered = common.token_logprobs(model, batch, "cpu", temperature=1.0)[0, t - 1].exp().item()
     tv = lambda p, q: 0.5 * (p - q).abs().sum().item()  # noqa: E731  total variation distance
     # the trainer's probability of the sampled token, against a softmax at T computed here and the draws
     assert abs(p_trained - torch.softmax(row / 0.5, -1)[token].item()) < 1e-4
@@ -243,7 +243,7 @@ def run_grpo(argv):
 def test_script_trains_saves_and_resumes(toy_data, grpo_setup, tmp_path):
     run_grpo(script_args(toy_data, grpo_setup, tmp_path / "straight", 2))
     run_grpo(script_args(toy_data, grpo_setup, tmp_path / "resumed", 1))
-    assert torch.load(tmp_path / "resumed/model/trainer_state.pt", weights_only=False)["step"] == 1
+    assert common.read_json(tmp_path / "resumed/model/trainer_state.json")["step"] == 1
     run_grpo(script_args(toy_data, grpo_setup, tmp_path / "resumed", 2))  # picks up at step 1
     a = common.load_model(str(tmp_path / "straight/model")).state_dict()
     b = common.load_model(str(tmp_path / "resumed/model")).state_dict()

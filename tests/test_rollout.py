@@ -16,7 +16,8 @@ def setup(arch, tokenizer, toy_data, n_cands=3, use_tools=True):
     processor = common.make_processor(tokenizer, patch, f * f, 16 * f * f)
     model = common.build_tiny_model(arch, tokenizer, seed=0).eval()
     images = [common.load_image(f"{toy_data}/images/test/pool/{i}.png") for i in range(n_cands)]
-    messages = task.build_messages("a red disc", False, "Find it.", [""] * n_cands, [True] * n_cands, use_tools)
+    messages = task.build_messages("a red disc", False, "Find it.", [""] * n_cands, [True] * n_cands, use_tools,
+                                   style="compact")
     prompt = {"messages": messages, "prompt_images": [common.qwen_resize(im, f * f, f * f, f) for im in images],
               "tool_images": [None] + images}
     engine = Engine(model, processor, use_tools=use_tools, tool_min_pixels=4 * f * f, tool_max_pixels=4 * f * f)
@@ -73,7 +74,8 @@ def test_greedy_loop_equals_hf_generate(arch, tokenizer, toy_data):
 def test_spliced_logits_equal_a_full_forward(arch, tokenizer, toy_data):
     """Rows of prompt 0 are forced to crop candidate 2, rows of prompt 1 decode freely: a mixed batch."""
     engine, prompt = setup(arch, tokenizer, toy_data)
-    other = dict(prompt, messages=task.build_messages("a blue disc on navy", False, "", [""] * 3, [True] * 3, True))
+    other = dict(prompt, messages=task.build_messages("a blue disc on navy", False, "", [""] * 3, [True] * 3, True,
+                                                         style="compact"))
     trajs = engine.generate([prompt, other], n_samples=2, temperature=1.0, seed=3, max_new_tokens=60,
                             logits_hook=force_call(tokenizer), keep_logits=True)
     assert [len(t["tool_calls"]) for t in trajs] == [1, 1, 0, 0]
@@ -111,7 +113,7 @@ def test_loss_mask_is_one_exactly_on_sampled_tokens(tokenizer, toy_data):
 def test_group_shared_prefill_equals_independent_prefills(tokenizer, toy_data):
     engine, prompt = setup("qwen2_5_vl", tokenizer, toy_data)
     other = dict(prompt, messages=task.build_messages("a much longer query about a green disc", False, "",
-                                                         [""] * 3, [True] * 3, True))
+                                                         [""] * 3, [True] * 3, True, style="compact"))
     hook = force_call(tokenizer, prompts=(1,))
     shared = engine.generate([prompt, other], n_samples=3, max_new_tokens=50, logits_hook=hook)
     alone = [engine.generate([p], n_samples=1, max_new_tokens=50, logits_hook=force_call(tokenizer, prompts=(0,)) if p is other else None)[0]
@@ -202,9 +204,13 @@ def rerank_setup(toy_data, tokenizer, tmp_path_factory):
     return root, args
 
 
-def test_rerank_writes_ranked_and_trajectories_and_resumes_after_a_kill(rerank_setup, tmp_path):
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_rerank_writes_ranked_and_trajectories_and_resumes_after_a_kill(rerank_setup, tmp_path, temperature):
+    """Sampled too: each window's samples are keyed by (seed, qid, window start), not by the batch's position
+    in the run, so the rerun draws what the uninterrupted run drew."""
     from conftest import run_stage
     root, args = rerank_setup
+    args = args + [f"--temperature={temperature}"]
     run_stage("rollout", args + [f"--out_dir={tmp_path}/a"])
     reranked = common.read_jsonl(f"{tmp_path}/a/reranked.jsonl")
     trajs = common.read_jsonl(f"{tmp_path}/a/trajectories.jsonl")
@@ -221,9 +227,9 @@ def test_rerank_writes_ranked_and_trajectories_and_resumes_after_a_kill(rerank_s
     (b / "reranked.jsonl").write_text("".join(lines[:2]) + lines[2][:25])
     tlines = open(f"{tmp_path}/a/trajectories.jsonl").read().splitlines(keepends=True)
     (b / "trajectories.jsonl").write_text("".join(tlines[:12]))
-    run_stage("rollout", args + [f"--out_dir={b}"])
-    assert open(b / "reranked.jsonl").read() == "".join(lines)  # greedy: the rerun finishes the same job
-    assert open(b / "trajectories.jsonl").read() == "".join(tlines)
+    run_stage("rollout", args + [f"--out_dir={b}"])  # its first batch is the first run's second: same draws
+    assert open(b / "reranked.jsonl").read() == "".join(lines)  # the rerun finishes the same job
+    assert open(b / "trajectories.jsonl").read() == "".join(tlines).replace(f"{tmp_path}/a/", f"{b}/")
 
 
 def test_fsdp_sharded_policy_generates_without_deadlock(toy_data, tmp_path):

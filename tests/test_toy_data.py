@@ -69,7 +69,7 @@ def test_tokenizer_has_single_token_tags(tokenizer):
 @pytest.mark.parametrize("use_tools", [True, False])
 def test_fixed_prompt_text_is_one_token_each(tokenizer, use_tools):
     # the whole system prompt is one token, the guidelines another; the rest of the prompt is plain BPE
-    messages = task.build_messages("a red disc", False, "Find it.", ["", ""], [True, True], use_tools)
+    messages = task.build_messages("a red disc", False, "Find it.", ["", ""], [True, True], use_tools, style="compact")
     text = common.make_processor(tokenizer).apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids) == text

@@ -266,7 +266,8 @@ def trajectory(q, pos, window_cands, use_tool, images, instruction, ref):
     """One ShareGPT record: the rollout's prompt, then the teacher's turns (tool call, observation, answer)."""
     q_path = q.get("query_img_path")
     messages = task.build_messages(q.get("query_txt") or "", bool(q_path), instruction,
-                                      [c.get("txt") or "" for c in window_cands], [True] * len(window_cands), use_tool)
+                                      [c.get("txt") or "" for c in window_cands], [True] * len(window_cands), use_tool,
+                                      style="compact")
     turns = task.to_sharegpt(messages)
     paths = ([q_path] if q_path else []) + [c["img_path"] for c in window_cands]
     sizes = [[PROMPT, PROMPT] for _ in paths]
@@ -290,7 +291,7 @@ def trajectory(q, pos, window_cands, use_tool, images, instruction, ref):
     think = f"{intro} The tags of {numbers(fam)} are too small here: look closer for a {tag(pos['attributes']['mark'])} tag."
     turn1 = f"<think>{think}</think>\n<tool_call>\n{call}\n</tool_call>"
     tool_images = [images.load(q_path) if q_path else None] + [images.load(c["img_path"]) for c in window_cands]
-    result = tools.execute_tool_call(turn1, tool_images, TOOL_MIN, TOOL_MAX, FACTOR)
+    result = tools.execute_tool_call(turn1, tool_images, TOOL_MIN, TOOL_MAX, FACTOR, style="compact")
     obs = task.to_sharegpt([{"role": "user", "content": result.content}])[0]
     for k, im in zip(fam, result.images):
         paths.append(images.save(im, f"select_{stem(window_cands[k - 1]['img_path'])}_{im.width}x{im.height}"))
@@ -307,7 +308,7 @@ def well_formed(turns, tool_images, k_pos, n):
         if not TOOL_TURN.fullmatch(text) or text.count("<tool_call>") != 1:
             return False
         if tools.parse_tool_call(text)[2] is not None or not tools.execute_tool_call(
-                text, tool_images, TOOL_MIN, TOOL_MAX, FACTOR).valid:
+                text, tool_images, TOOL_MIN, TOOL_MAX, FACTOR, style="compact").valid:
             return False
     answer = task.parse_answer(gpt[-1])
     return bool(FINAL.fullmatch(gpt[-1])) and answer is not None and sorted(answer) == list(range(1, n + 1)) \

@@ -82,7 +82,7 @@ def stages(quick):
         # model while the vision stage trains its tower (the warm-up joins the two)
         ("drills", py + ["sft.py"] + common_args + ["--init_from=scratch", "--sft_data=sft/warmup_compare.jsonl",
                                                     f"--out_dir={o}/drills", "--freeze_vision=True"] + s["drills"],
-         f"{o}/drills/model/trainer_state.pt", ["cold_start"]),
+         f"{o}/drills/model/trainer_state.json", ["cold_start"]),
         ("embed", py + ["embed.py"] + common_args + [f"--embed_out_dir={o}/embed", f"--query_files={TEST[0]},{TRAIN[0]}",
                                                       f"--pool_files={TEST[1]},{TRAIN[1]}"] + s["embed"],
          f"{o}/embed/emb/mbeir_toycir_task7_train_cand_pool.npy", ["prepare"]),
@@ -104,19 +104,19 @@ def stages(quick):
         ("warmup", py + ["sft.py"] + common_args + [f"--init_from={o}/drills/model", f"--vision_from={o}/vision",
                                                     "--sft_data=sft/warmup.jsonl,sft/warmup_windows.jsonl,sft/warmup_queries.jsonl",
                                                     f"--out_dir={o}/base", "--freeze_vision=True"] + s["warmup"],
-         f"{o}/base/model/trainer_state.pt", ["drills", "vision"]),
+         f"{o}/base/model/trainer_state.json", ["drills", "vision"]),
         ("sft", py + ["sft.py"] + common_args + [f"--init_from={o}/base/model", "--sft_data=sft/cold_start.jsonl",
-                                                 f"--out_dir={o}/sft"] + s["sft"], f"{o}/sft/model/trainer_state.pt", ["warmup"]),
+                                                 f"--out_dir={o}/sft"] + s["sft"], f"{o}/sft/model/trainer_state.json", ["warmup"]),
         ("rsft", py + ["rsft.py"] + common_args + [f"--policy={o}/sft/model", f"--out_dir={o}/rsft", f"--ranked_train={o}/ranked_train.jsonl"]
-         + s["rsft"], f"{o}/rsft/model/trainer_state.pt", ["sft", "retrieve_train"]),
+         + s["rsft"], f"{o}/rsft/model/trainer_state.json", ["sft", "retrieve_train"]),
         ("grpo", py + ["grpo.py"] + common_args + [f"--policy={o}/rsft/model", f"--out_dir={o}/grpo", f"--ranked_train={o}/ranked_train.jsonl"]
-         + s["grpo"], f"{o}/grpo/model/trainer_state.pt", ["rsft"]),
+         + s["grpo"], f"{o}/grpo/model/trainer_state.json", ["rsft"]),
         ("sft_notool", py + ["sft.py"] + common_args + [f"--init_from={o}/base/model", "--sft_data=sft_notool/cold_start.jsonl",
-                                                        f"--out_dir={o}/sft_notool"] + s["sft"], f"{o}/sft_notool/model/trainer_state.pt",
+                                                        f"--out_dir={o}/sft_notool"] + s["sft"], f"{o}/sft_notool/model/trainer_state.json",
          ["warmup", "cold_start_notool"]),
         ("grpo_notool", py + ["grpo.py"] + common_args + [f"--policy={o}/sft_notool/model", f"--out_dir={o}/grpo_notool", "--use_tools=False",
                                                           f"--ranked_train={o}/ranked_train.jsonl"] + s["grpo"],
-         f"{o}/grpo_notool/model/trainer_state.pt", ["sft_notool", "retrieve_train"]),
+         f"{o}/grpo_notool/model/trainer_state.json", ["sft_notool", "retrieve_train"]),
     ]
     # each policy reranks the test split once it is trained; the reranks come after every training stage in
     # this order, so that a free core goes to the sft -> rsft -> grpo chain first (the longest path)
