@@ -89,7 +89,11 @@ def print0(*args, **kwargs):
 
 
 def dist_cleanup():
+    """All ranks meet before the group goes: a rank that exits while another still has a collective in flight
+    (FSDP's last gradient reduction) aborts that rank."""
     if dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -610,11 +614,17 @@ def model_inputs(batch, device):
     return {k: batch[k].to(device) for k in keys if k in batch and batch[k] is not None}
 
 
+class _Copy(torch.nn.Module):
+    def forward(self, x):
+        return x.clone()
+
+
 def final_hidden_states(model, inputs):
     """(B, L, D) hidden states after the final norm: the model's own forward with its LM head skipped, so the
     (L, V) logits are never built. The head is swapped for an identity for the call (FSDP's hooks stay on
-    the model and its layers; the head's weight is read by token_logprobs)."""
-    head, model.lm_head = model.lm_head, torch.nn.Identity()
+    the model and its layers; the head's weight is read by token_logprobs). The stand-in returns a copy, not a
+    view, so FSDP's backward hook on the output cannot be dropped by a later in-place op."""
+    head, model.lm_head = model.lm_head, _Copy()
     try:
         return model(**inputs, use_cache=False).logits
     finally:
@@ -647,9 +657,11 @@ def count_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
-def pick_instruction(instructions, qid):
-    """M-BEIR has 4 instructions per dataset/task; the original samples one at random, we pick by qid."""
-    options = instructions.get(qid.split(":")[0]) if instructions else None
+def pick_instruction(instructions, qid, task_id=None):
+    """M-BEIR has 4 instructions per dataset and task; the original samples one at random, we pick by qid. A
+    dataset with several tasks keys its lists "{dataset id}:{task id}" (data/mbeir/instructions.py)."""
+    dataset = qid.split(":")[0]
+    options = instructions.get(f"{dataset}:{task_id}") or instructions.get(dataset) if instructions else None
     return options[int(qid.split(":")[1]) % len(options)] if options else ""
 
 

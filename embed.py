@@ -12,6 +12,11 @@ the chat template in this repo:
     <emb>                                          <- summary position (the last token when the
                                                       tokenizer has no <emb>, as in a plain Qwen)
 
+That is embed_prompt=compact (the toy's). embed_prompt=lamra is LamRA-Ret's exact prompt (docs/spec.md §7):
+a "You are a helpful assistant." system turn, texts through UniIR's format_string, the summary sentence
+with its trailing space, and the summary at the last token of "<|im_start|>assistant\n", the position just
+before LamRA's <emb> (LamRA reads the hidden state there). auto: compact when the tokenizer has <emb>.
+
 The defaults encode the 16 M-BEIR test sets and their local pools with a real checkpoint (e.g. a LamRA
 retriever, embed_train_steps=0); the toy (config/toy.py) trains a tiny embedder from scratch here with
 in-batch InfoNCE on its train split first.
@@ -34,6 +39,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
+import task
 from configurator import configure
 
 # -----------------------------------------------------------------------------
@@ -42,7 +48,8 @@ query_files = common.mbeir_files("query")  # to encode: the 16 M-BEIR test sets 
 pool_files = common.mbeir_files("pool")    # ... and their local pools
 train_query_files = ""     # contrastive training data (only when embed_train_steps > 0)
 train_pool_files = ""
-instructions_file = "instructions.json"  # dataset id -> task instructions ('' = none)
+instructions_file = "instructions.json"  # dataset id (or "id:task") -> task instructions ('' = none)
+embed_prompt = "auto"      # lamra (LamRA-Ret's prompt and summary position) | compact (the toy's) | auto
 embed_out_dir = "out/mbeir/embed"  # emb/ and (after training) model/ go here
 embed_init_from = "checkpoints/LamRA-Ret"  # a local Hugging Face directory, or 'scratch' (a tiny model of `arch`)
 arch = "qwen2_5_vl"        # scratch only: qwen2_vl | qwen2_5_vl | qwen3_vl
@@ -68,20 +75,44 @@ seed = 1337
 # -----------------------------------------------------------------------------
 
 
-def item_messages(text, has_image, instruction=""):
+LAMRA_SYSTEM = "You are a helpful assistant."  # Qwen2-VL's default system turn, which LamRA's template adds
+LAMRA_SUMMARY = {"both": "\nSummarize above image and sentence in one word: ",
+                 "text": "\nSummarize above sentence in one word: ", "image": "\nSummarize above image in one word: "}
+
+
+def item_messages(text, has_image, instruction="", style="compact"):
+    """The chat messages of one item. lamra: LamRA's M-BEIR loader, exactly (docs/spec.md §7): the query text
+    is format_string(f"{format_string(instruction)} {text}"), a candidate's format_string(text); an item
+    with an image and no text gets the image sentence only."""
     content = [{"type": "image"}] if has_image else []
+    if style == "lamra":
+        body = task.lamra_format(f"{task.lamra_format(instruction)} {text}" if instruction else text)
+        kind = ("both" if body else "image") if has_image else "text"
+        content.append({"type": "text", "text": (body if kind != "image" else "") + LAMRA_SUMMARY[kind]})
+        return [{"role": "system", "content": LAMRA_SYSTEM}, {"role": "user", "content": content}]
     what = "image and sentence" if has_image and text else ("image" if has_image else "sentence")
     body = f"{instruction} {text}".strip()
     content.append({"type": "text", "text": f"{body}\nSummarize above {what} in one word:"})
     return [{"role": "user", "content": content}]
 
 
+def prompt_style(processor):
+    """embed_prompt, with auto resolved: compact when the tokenizer has an <emb> token (the toy's), else lamra."""
+    if embed_prompt not in ("lamra", "compact", "auto"):
+        raise ValueError(f"embed_prompt={embed_prompt!r}: expected lamra, compact or auto")
+    if embed_prompt != "auto":
+        return embed_prompt
+    return "compact" if "<emb>" in processor.tokenizer.get_vocab() else "lamra"
+
+
 def render_items(items, processor):
-    """items: list of (text, image or None, instruction) -> model inputs, right-padded."""
+    """items: list of (text, image or None, instruction) -> model inputs, right-padded; the summary position
+    of each row is its last token (compact appends <emb> when the tokenizer has it; lamra never does)."""
     texts, images = [], []
-    emb = "<emb>" if "<emb>" in processor.tokenizer.get_vocab() else ""
+    style = prompt_style(processor)
+    emb = "<emb>" if style == "compact" and "<emb>" in processor.tokenizer.get_vocab() else ""
     for text, image, instruction in items:
-        msgs = item_messages(text, image is not None, instruction)
+        msgs = item_messages(text, image is not None, instruction, style)
         texts.append(processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) + emb)
         if image is not None:
             images.append(image)
@@ -129,7 +160,7 @@ class Items:
         return self.cache[rel]
 
     def query(self, q):
-        return q["query_txt"] or "", self.image(q.get("query_img_path")), common.pick_instruction(self.instructions, q["qid"])
+        return q["query_txt"] or "", self.image(q.get("query_img_path")), common.pick_instruction(self.instructions, q["qid"], q.get("task_id"))
 
     def cand(self, c):
         return c.get("txt") or "", self.image(c.get("img_path")), ""

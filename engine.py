@@ -73,8 +73,8 @@ class RaggedLayer(DynamicLayer):
 
     def update(self, key_states, value_states, *args, **kwargs):
         B, H, W, D = key_states.shape  # this step's chunk, right-padded to width W
-        lengths = self.cache.lengths.to(key_states.device)
-        needed = int(lengths.max()) + W
+        lengths = self.cache.lengths_on(key_states.device)
+        needed = self.cache.max_length + W
         if not self.is_initialized or self.keys.shape[2] < needed:  # grow with a small slack (one copy per ~6% of growth)
             capacity = needed + max(16, needed // 16)
             keys = key_states.new_zeros(B, H, capacity, D)
@@ -90,7 +90,7 @@ class RaggedLayer(DynamicLayer):
         return self.keys[:, :, :needed], self.values[:, :, :needed]
 
     def get_seq_length(self):
-        return int(self.cache.lengths.max()) if self.cache.lengths is not None else 0
+        return self.cache.max_length
 
     def batch_repeat_interleave(self, repeats):
         self.keys = self.keys.repeat_interleave(repeats, dim=0)
@@ -109,6 +109,20 @@ class RaggedCache(Cache):
         super().__init__(layers=[RaggedLayer(self) for _ in range(n_layers)])
         self.lengths = None
 
+    @property
+    def lengths(self):
+        return self._lengths
+
+    @lengths.setter
+    def lengths(self, value):  # (B,) on the CPU; its device copy and maximum are made once per step, not per layer
+        self._lengths, self._on_device = value, {}
+        self.max_length = int(value.max()) if value is not None and len(value) else 0
+
+    def lengths_on(self, device):
+        if device not in self._on_device:
+            self._on_device[device] = self._lengths.to(device)
+        return self._on_device[device]
+
     def capacity(self):
         """Slots allocated per row (every layer holds the same)."""
         layer = self.layers[0]
@@ -120,7 +134,7 @@ class RaggedCache(Cache):
             layer.batch_repeat_interleave(repeats)
 
     def batch_select_indices(self, indices):
-        self.lengths = self.lengths[indices.to(self.lengths.device)]
+        self.lengths = self.lengths[indices.cpu()]
         for layer in self.layers:
             layer.batch_select_indices(indices)
 

@@ -12,6 +12,14 @@ qrels, one judgement per line (rel > 0 is a positive), one table row (group) per
     qid 0 did rel task_id
 Ids are strings such as "9:123" and are never converted to numbers.
 metrics.json: {group: {"n": int, "mbeir_R@5": %, "R@1": %, ...}, "average": {"n": total, "mbeir_R@k": %, ...}}
+
+The paper's table for one benchmark (--benchmark=...): one row per group with the paper's metric, then the
+plain mean over groups, printed after the full table and stored in metrics.json under "benchmark":
+    mbeir    R@5 per task/dataset pair (R@10 for Fashion200K and FashionIQ); the paper averages 16 pairs
+    circo    mAP@K for each K of map_ks (the paper's headline is mAP@5)
+    genecis  R@1 within each query's gallery, per task (4 tasks), and their mean
+    python evaluate.py --benchmark=mbeir --ranked=out/mbeir/rerank/reranked.jsonl
+    python evaluate.py --benchmark=circo --ranked=out/circo/ranked.jsonl --qrels=data/circo/qrels/circo_val_qrels.txt
 """
 
 import json
@@ -26,6 +34,7 @@ out = ""               # metrics.json path ('' = next to ranked as metrics.json)
 recall_k = 5           # M-BEIR Recall@k cut-off (hit rate) used unless an override matches
 recall_k_overrides = "fashion200k:10,fashioniq:10"  # dataset-name substrings with their own cut-off
 map_ks = "5,10,25,50"  # CIRCO mAP@K values
+benchmark = ""         # mbeir | circo | genecis: also print the paper's table (headline metric per group, mean)
 # ----
 
 
@@ -160,8 +169,9 @@ def query_metrics(cands, scores, positives, cutoff, ks):
     return values
 
 
-def evaluate(ranked_records, qrels_by_group):
-    """Metrics per group and their plain average over groups, as percentages rounded to 2 decimals."""
+def evaluate(ranked_records, qrels_by_group, exact=None):
+    """Metrics per group and their plain average over groups, as percentages rounded to 2 decimals.
+    exact, a dict if given, receives each group's unrounded means (fractions), for exact averages."""
     if not qrels_by_group:
         raise ValueError("no qrels groups to evaluate")
     by_qid = {}
@@ -196,6 +206,8 @@ def evaluate(ranked_records, qrels_by_group):
     for name in list(next(iter(fractions.values())))[1:]:
         average[name] = round(100 * sum(f[name] for f in fractions.values()) / len(fractions), 2)
     metrics["average"] = average
+    if exact is not None:
+        exact.update(fractions)
     return metrics
 
 
@@ -211,11 +223,62 @@ def format_table(metrics):
     return "\n".join(lines)
 
 
+BENCHMARKS = ("mbeir", "circo", "genecis")
+
+
+def headline_columns(name, group):
+    """The paper's metric(s) of one group: (column label, key in the group's metrics) pairs."""
+    if name == "mbeir":
+        return [("R@k", f"mbeir_R@{mbeir_cutoff(group)}")]
+    if name == "circo":
+        return [(f"mAP@{k}", f"mAP@{k}") for k in str(map_ks).split(",") if k.strip()]
+    if name == "genecis":
+        return [("R@1", "GeneCIS_R@1")]
+    raise ValueError(f"benchmark={name!r}: expected one of {', '.join(BENCHMARKS)}")
+
+
+def benchmark_summary(metrics, exact, name):
+    """{"name", "rows": {group: {label: %}}, "average": {label: %}, ...}: the paper's table. The average is the
+    plain mean over groups of the unrounded group values (exact: evaluate()'s fractions)."""
+    groups = list(exact)
+    columns = {g: headline_columns(name, g) for g in groups}
+    rows = {g: {label: metrics[g][key] for label, key in columns[g]} for g in groups}
+    average = {}
+    for i, (label, _) in enumerate(columns[groups[0]]):  # column i: each group's own key (M-BEIR: its own k)
+        average[label] = round(100 * sum(exact[g][columns[g][i][1]] for g in groups) / len(groups), 2)
+    cutoffs = {g: columns[g][0][1].split("@")[1] for g in groups} if name == "mbeir" else {}
+    return {"name": name, "rows": rows, "average": average, "cutoffs": cutoffs, "n_groups": len(groups)}
+
+
+def format_benchmark(summary):
+    """The paper-style markdown table: one row per group, the mean last."""
+    labels = list(summary["average"])
+    mbeir = summary["name"] == "mbeir"
+    head = ["group", "metric" if mbeir else None] + ([summary["name"] + " score"] if mbeir else labels)
+    head = [h for h in head if h]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for g, row in summary["rows"].items():
+        cells = [g] + ([f"R@{summary['cutoffs'][g]}"] if mbeir else []) + [f"{row[lab]:.2f}" for lab in labels]
+        lines.append("| " + " | ".join(cells) + " |")
+    avg = [f"average ({summary['n_groups']})"] + (["-"] if mbeir else []) + [f"{summary['average'][lab]:.2f}" for lab in labels]
+    lines.append("| " + " | ".join(avg) + " |")
+    return "\n".join(lines)
+
+
 def main():
     if not ranked or not qrels:
         raise ValueError("set --ranked=path/to/ranked.jsonl and --qrels=a_qrels.txt[,b_qrels.txt,...]")
-    metrics = evaluate(load_ranked(ranked), load_qrels(qrels))
+    if benchmark and benchmark not in BENCHMARKS:
+        raise ValueError(f"benchmark={benchmark!r}: expected one of {', '.join(BENCHMARKS)} or ''")
+    exact = {}
+    metrics = evaluate(load_ranked(ranked), load_qrels(qrels), exact)
     print(format_table(metrics))
+    if benchmark:
+        summary = benchmark_summary(metrics, exact, benchmark)
+        print(f"\n{benchmark}, the paper's metric per group and the plain mean:\n" + format_benchmark(summary))
+        if benchmark == "mbeir" and summary["n_groups"] != 16:
+            print(f"note: {summary['n_groups']} groups; the paper's M-BEIR average is over 16 task/dataset pairs")
+        metrics["benchmark"] = summary
     out_path = out or os.path.join(os.path.dirname(ranked), "metrics.json")
     common.write_json(out_path, metrics)
     print(f"wrote {out_path}")

@@ -11,6 +11,10 @@ Embeddings come from embed.py ({emb_dir}/{name}.npy and {name}.ids.json, name = 
 
 Writes one JSON line per query, best first: {"qid", "task_id", "cands": [did...], "scores": [...]},
 and reports (never silently drops) queries whose positives are not in their pool.
+
+Per-query galleries (GeneCIS): a query record with a "gallery" field (a list of dids of its pool) is
+scored against those candidates only, exactly (dot products, ties kept in gallery order), and keeps its
+top_k of them; queries without the field search the whole pool. data/genecis/prepare.py writes it.
 """
 
 import os
@@ -46,6 +50,17 @@ def search(query_emb, pool_emb, k):
     return index.search(np.ascontiguousarray(query_emb), min(k, pool_emb.shape[0]))
 
 
+def search_gallery(query_vec, pool_emb, index_of, gallery, qid, pool_name, k):
+    """Exact top-k of one query within its own gallery: (dids, scores), best first."""
+    missing = [d for d in gallery if d not in index_of]
+    if missing or not gallery:
+        raise ValueError(f"qid {qid}: gallery {'is empty' if not gallery else f'names {missing[0]}, which is not in {pool_name}'}")
+    rows = [index_of[d] for d in gallery]
+    scores = pool_emb[rows] @ query_vec  # (G,)
+    order = np.argsort(-scores, kind="stable")[:k]
+    return [gallery[i] for i in order], [float(scores[i]) for i in order]
+
+
 def main():
     name = lambda f: os.path.basename(f).removesuffix(".jsonl")
     files = lambda s: [f for f in s.split(",") if f]
@@ -60,8 +75,12 @@ def main():
             raise ValueError(f"{pf}: the pool is empty, there is nothing to retrieve for {qf}")
         scores, indices = search(q_emb, p_emb, top_k)
         pool = set(p_ids)
-        for q, row_scores, row_idx in zip(queries, scores, indices):
-            cands = [p_ids[i] for i in row_idx]
+        index_of = {d: i for i, d in enumerate(p_ids)}
+        for q, q_vec, row_scores, row_idx in zip(queries, q_emb, scores, indices):
+            if q.get("gallery") is not None:  # a per-query gallery: only its own candidates
+                cands, row_scores = search_gallery(q_vec, p_emb, index_of, q["gallery"], q["qid"], name(pf), top_k)
+            else:
+                cands = [p_ids[i] for i in row_idx]
             out.append({"qid": q["qid"], "task_id": q["task_id"], "cands": cands,
                         "scores": [round(float(s), 6) for s in row_scores]})
             positives = q.get("pos_cand_list", [])

@@ -209,7 +209,7 @@ def window_prompt(q, cands, instructions, load, use_tools, min_pixels, max_pixel
     load(path) -> original image."""
     q_img = load(q["query_img_path"]) if q.get("query_img_path") else None
     c_imgs = [load(c["img_path"]) if c.get("img_path") else None for c in cands]
-    messages = build_messages(q.get("query_txt") or "", q_img is not None, common.pick_instruction(instructions, q["qid"]),
+    messages = build_messages(q.get("query_txt") or "", q_img is not None, common.pick_instruction(instructions, q["qid"], q.get("task_id")),
                               [c.get("txt") or "" for c in cands], [im is not None for im in c_imgs], use_tools, max_calls,
                               style)
     return {"messages": messages, "tool_images": [q_img] + c_imgs, "style": style,

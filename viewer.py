@@ -116,7 +116,7 @@ def score(rec, query, variant):
 
 def trajectory_html(rec, query, pool, instructions, data_root, size, variant, cache):
     positive, rank, value = score(rec, query, variant)
-    instruction = common.pick_instruction(instructions, rec["qid"])
+    instruction = common.pick_instruction(instructions, rec["qid"], query.get("task_id"))
     parts = [f'<div class="traj"><h3>query {esc(rec["qid"])} &middot; window from {esc(rec.get("window_start", 0))}</h3>',
              f'<p><i>{esc(instruction)}</i> {esc(query.get("query_txt") or "")}</p>']
     if query.get("query_img_path"):

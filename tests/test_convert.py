@@ -2,6 +2,7 @@
 
 import importlib.util
 import io
+import json
 import os
 import sys
 import types
@@ -49,7 +50,7 @@ def make_rows():
 def test_convert_rows(tmp_path):
     image_dir = str(tmp_path / "images")
     rows = make_rows()
-    queries, pool, qrels, ranked = convert.convert_rows(rows, "9", image_dir, task_id=3)
+    queries, pool, qrels, ranked, _ = convert.convert_rows(rows, "9", image_dir, task_id=3)
     by_did = {c["did"]: c for c in pool}
     assert [q["qid"] for q in queries] == ["9:17", "9:18", "9:19"]
     assert [q["query_modality"] for q in queries] == ["image,text", "image,text", "text"]
@@ -89,7 +90,7 @@ def test_qid_fallback_and_task_id_from_extra_info(tmp_path):
     for row, qid in zip(rows, ["a", "b", "c"]):
         row["extra_info"]["qid"] = qid
     rows[2]["extra_info"]["task_id"] = 5
-    queries, _, qrels, _ = convert.convert_rows(rows, 4, str(tmp_path))
+    queries, _, qrels, _, _ = convert.convert_rows(rows, 4, str(tmp_path))
     assert [q["qid"] for q in queries] == ["4:0", "4:1", "4:2"]  # non-numeric release qids: the row index
     assert [q["src_qid"] for q in queries] == ["a", "b", "c"]
     assert [q["task_id"] for q in queries] == [0, 0, 5] and qrels[2].endswith(" 1 5")
@@ -97,8 +98,7 @@ def test_qid_fallback_and_task_id_from_extra_info(tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     (lambda i: i.pop("candidate_texts"), "missing candidate_texts"),
-    (lambda i: i.update(ground_truth_position=0), "outside 1..3"),
-    (lambda i: i.update(ground_truth_position=4), "outside 1..3"),
+    (lambda i: i.update(num_candidates="x"), "must be integers"),
     (lambda i: i.update(num_candidates=2), "num_candidates 2"),
 ])
 def test_bad_row_is_named(tmp_path, change, message):
@@ -173,3 +173,84 @@ def test_main_without_pyarrow_says_how_to_install(monkeypatch):
         convert.main()
     assert str(e.value.code) == ("pyarrow is needed to read parquet: pip install pyarrow "
                                  "(it is not a dependency of nanoretrver)")
+
+
+def test_out_of_window_positive_is_kept_as_a_miss(tmp_path):
+    rows = make_rows()
+    rows[1]["extra_info"]["ground_truth_position"] = 0   # not in the window, no hit list: unknown positive
+    rows[2]["extra_info"]["ground_truth_position"] = 7
+    queries, _, qrels, ranked, stats = convert.convert_rows(rows, "9", str(tmp_path))
+    assert [q["qid"] for q in queries] == ["9:17", "9:18", "9:19"]  # kept, not an error
+    assert queries[1]["pos_cand_list"] == ["9:unranked:18"] and "9:18 0 9:unranked:18 1 0" in qrels
+    assert stats["no_positive"] == 2
+    groups = {"g": {line.split()[0]: {line.split()[2]} for line in qrels}}
+    metrics = evaluate.evaluate(ranked, groups)
+    assert metrics["g"]["R@5"] == pytest.approx(100 / 3, abs=0.01)  # the two unknown positives count as misses
+
+
+def hit(img, txt=""):
+    return {"candidate_images": img, "candidate_texts": txt}
+
+
+def test_hit_list_is_the_ranked_list_and_prompt_is_kept(tmp_path):
+    rows = make_rows()[:1]
+    # the stage-0 top 5: the window (a, b, c) is its top 3; the positive b is at position 2 of both
+    rows[0]["hit"] = [hit("mbeir_images/a.jpg"), hit("mbeir_images/b.jpg"), hit("mbeir_images/c.jpg"),
+                      hit("mbeir_images/e.jpg"), hit("mbeir_images/f.jpg")]
+    queries, pool, qrels, ranked, _ = convert.convert_rows(rows, "9", str(tmp_path), hit_depth=4)
+    by_did = {c["did"]: c for c in pool}
+    assert [by_did[d]["img_path"] for d in ranked[0]["cands"]] == [f"mbeir_images/{x}.jpg" for x in "abce"]
+    assert len(pool) == 4 and queries[0]["pos_cand_list"] == [ranked[0]["cands"][1]]  # hits past hit_depth unread
+    assert queries[0]["release_prompt"] == [{"role": "user", "content": "..."}]
+    # a ground truth past the window points into the hit list
+    rows[0]["extra_info"]["ground_truth_position"] = 5
+    queries, pool, qrels, ranked, stats = convert.convert_rows(rows, "9", str(tmp_path), hit_depth=4)
+    positive = queries[0]["pos_cand_list"][0]
+    assert {c["did"]: c for c in pool}[positive]["img_path"] == "mbeir_images/f.jpg"
+    assert positive not in ranked[0]["cands"] and stats["gt_past_window"] == 1  # outside the top 4: a miss
+
+
+def test_mbeir_ids_and_all_positives(tmp_path):
+    mq = [{"qid": "9:500", "query_txt": "like this but blue", "query_img_path": "mbeir_images/q18.png",
+           "query_modality": "image,text", "pos_cand_list": ["9:2", "9:7"], "task_id": 7},
+          {"qid": "9:501", "query_txt": "a red bus", "query_img_path": "mbeir_images/q17.jpg",
+           "query_modality": "image,text", "pos_cand_list": ["9:1"], "task_id": 7}]
+    mp = [{"did": f"9:{i}", "txt": "", "img_path": f"mbeir_images/{x}.jpg", "modality": "image"}
+          for i, x in enumerate("abcdefgh")]
+    mbeir = convert.MBeirIndex(mq, mp)
+    rows = make_rows()[:2]
+    rows[0]["extra_info"]["qid"] = "9:501"  # found by qid
+    rows[0]["extra_info"]["candidate_images"] = [f"/remote/authors/M-BEIR/mbeir_images/{x}.jpg" for x in "abc"]
+    rows[1]["extra_info"]["qid"] = "release-2"  # found by image path (absolute) and text
+    rows[1]["extra_info"]["query_image"] = "/remote/authors/M-BEIR/mbeir_images/q18.png"
+    rows[1]["extra_info"]["query_text"] = "Find a similar image. Like this but blue."
+    rows[1]["extra_info"]["candidate_images"] = ["/remote/authors/M-BEIR/mbeir_images/c.jpg",
+                                                 "/remote/authors/M-BEIR/mbeir_images/x.jpg", "/remote/authors/d.png"]
+    rows[1]["extra_info"]["candidate_texts"] = ["", "", ""]
+    queries, pool, qrels, ranked, stats = convert.convert_rows(rows, "9", str(tmp_path), task_id=7, mbeir=mbeir)
+    assert [q["qid"] for q in queries] == ["9:501", "9:500"]
+    assert ranked[0]["cands"] == ["9:0", "9:1", "9:2"]
+    assert ranked[1]["cands"][0] == "9:2" and all(len(d) == 18 for d in ranked[1]["cands"][1:])  # unmatched: hashed
+    assert queries[1]["pos_cand_list"] == [ranked[1]["cands"][0], "9:7"]  # the window's and M-BEIR's
+    assert queries[1]["query_img_path"] == "mbeir_images/q18.png" and queries[1]["query_txt"] == "like this but blue"
+    assert "9:500 0 9:7 1 7" in qrels and "9:501 0 9:1 1 7" in qrels
+    assert {c["did"]: c for c in pool}["9:7"]["img_path"] == "mbeir_images/h.jpg"
+    assert stats["queries_matched"] == 2 and stats["cands_matched"] == 4
+
+
+def test_remap_rewrites_paths_and_names_unmatched(tmp_path):
+    spec = importlib.util.spec_from_file_location("vretrver_remap", os.path.join(REPO, "data", "vretrver", "remap.py"))
+    remap = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(remap)
+    fix = remap.Remapper("/remote/a/:imgs/,/remote/b:/data/b")
+    records = [{"conversations": [], "images": ["/remote/a/q.jpg", "/remote/b/tool/1.png"]}]
+    assert remap.remap_sft_records(records, fix)[0]["images"] == ["imgs/q.jpg", "/data/b/tool/1.png"]
+    fix.check("sft.json")
+    row = {"images": [{"image": "/remote/a/q.jpg"}], "hit": [hit("/remote/a/h.jpg")],
+           "extra_info": json.dumps({"query_image": "/remote/a/q.jpg", "candidate_images": ["/remote/b/c.jpg"]})}
+    row = remap.remap_row(row, fix)
+    assert row["images"] == [{"image": "imgs/q.jpg"}] and row["hit"][0]["candidate_images"] == "imgs/h.jpg"
+    assert json.loads(row["extra_info"]) == {"query_image": "imgs/q.jpg", "candidate_images": ["/data/b/c.jpg"]}
+    queries, *_ = convert.convert_rows(make_rows()[:1], "9", str(tmp_path), fix=fix)
+    with pytest.raises(ValueError, match="match no remap prefix.*mbeir_images/q17.jpg"):
+        fix.check("rl.parquet")

@@ -12,7 +12,7 @@ from configurator import configure
 from evaluate import (average_precision_at_k, genecis_recall_at_1, hit_at_k, load_qrels, load_ranked,
                       mbeir_cutoff, reciprocal_rank)
 
-SETTINGS = ("ranked", "qrels", "out", "recall_k", "recall_k_overrides", "map_ks")
+SETTINGS = ("ranked", "qrels", "out", "recall_k", "recall_k_overrides", "map_ks", "benchmark")
 
 
 @pytest.fixture

@@ -65,3 +65,26 @@ def test_embed_training_without_positives_names_the_files(toy_data, tmp_path):
 def test_rollout_zero_window_or_stride_names_the_setting(tmp_path, setting, message):
     with pytest.raises(ValueError, match=f"{message}.*must both be at least 1"):
         run_stage("rollout", [TOY_CONFIG, f"--data_root={tmp_path}", f"--out_dir={tmp_path}/out", setting])
+
+
+def test_a_missing_checkpoint_is_named_at_once_and_nothing_is_downloaded(tmp_path, monkeypatch):
+    """A local path that does not exist (or looks like a hub id) is an error naming it, before any network
+    call: the hub is never contacted (every socket connect would raise here)."""
+    import socket
+    import time
+
+    import common
+    from conftest import TOY_CONFIG, run_stage
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network was contacted")
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    t0 = time.time()
+    for path in (str(tmp_path / "missing"), "Qwen/Qwen2.5-VL-7B-Instruct"):
+        with pytest.raises(FileNotFoundError, match=f"{path!r}: no such local"):
+            common.load_model(path)
+        with pytest.raises(FileNotFoundError, match="no such local directory"):
+            common.load_processor(path, 784, 784)
+    with pytest.raises(FileNotFoundError, match="some/missing_dir"):
+        run_stage("sft", [TOY_CONFIG, "--init_from=some/missing_dir"])
+    assert time.time() - t0 < 30
