@@ -368,6 +368,16 @@ class Engine:
         """One forward for all active rows: each feeds its pending observation chunk or its last token, written
         at its own offset in the cache; returns each row's next-token logits (B, V) and the step's width."""
         dev, model = self.device, self.model
+        if all(row.pending is None for row in batch_rows):  # the common step: every row decodes one token
+            input_ids = torch.tensor([[row.ids[-1]] for row in batch_rows], device=dev)  # (B, 1)
+            position_ids = torch.tensor([row.next_pos for row in batch_rows], device=dev).view(1, -1, 1).expand(3, -1, 1)
+            for row in batch_rows:
+                row.next_pos += 1
+            out = model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True,
+                        attention_mask=ragged_mask(cache.lengths, 1, self.mask_dtype, dev), logits_to_keep=1)
+            cache.lengths = cache.lengths + 1
+            self.stats["kv_slots_per_row"] = max(self.stats["kv_slots_per_row"], cache.capacity())
+            return out.logits[:, -1], 1
         chunks = []
         for row in batch_rows:
             if row.pending is not None:  # the sampled </tool_call>, then the observation
