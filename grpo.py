@@ -11,6 +11,9 @@ rewards into group advantages, and take a clipped policy-gradient step on the po
 The defaults are the release's 7B run (docs/spec.md §5) on its RL prompts (data/vretrver/convert.py);
 config/grpo_7b.py writes them out, config/toy.py is the toy.
 
+Each step's log values (reward mean and std, top-1 rate, tool-call rate, zero-variance groups, loss, KL,
+clip fraction, grad norm, lr) are printed and appended to {out_dir}/log.jsonl, the training curve.
+
 One step: each rank takes its share of prompts_per_step prompts (groups stay whole on a rank), samples
 group_size trajectories per prompt, computes rewards (on the policy's own text only: the turns it wrote,
 never the observations) and advantages A = (R - mean_group) / (std_group + eps). Then one training
@@ -263,6 +266,10 @@ def main():
     start = common.load_trainer_state(model, optimizer, model_path)["step"] if resuming else 0
     if resuming:
         print0(f"resuming from step {start}")
+    log_path = os.path.join(out_dir, "log.jsonl")
+    if rank == 0:  # the curve of the steps the checkpoint holds: a step run again after a kill is logged once
+        logged, _ = common.read_jsonl_resumable(log_path, "step")
+        common.write_jsonl(log_path, [x for x in logged if x["step"] < start])
     engine = Engine(model, processor, use_tools, max_calls, tool_min_pixels, tool_max_pixels, gen_kv_gib, compute_dtype)
     image_token_id, pad_id = model.config.image_token_id, processor.tokenizer.pad_token_id
     hp = {k: globals()[k] for k in UPDATE_KEYS}
@@ -303,6 +310,8 @@ def main():
         # 4. log totals over all ranks; checkpoint
         log = log_line(step, all_reduce_sums(stats, device, world_size), all_reduce_sums(update, device, world_size), norm, lr)
         wandb.log(log)
+        if rank == 0:  # the training curve, one line per step (a resumed run appends)
+            common.append_jsonl(log_path, [log])
         if step % log_every == 0 or step == max_steps - 1:
             print0(f"step {step:4d}/{max_steps} | reward {log['reward']:.3f} ± {log['reward_std']:.3f} | top1 {log['top1']:.3f} | "
                    f"tools {log['tool_rate']:.2f} | len {log['response_len']:.0f} | zero-std {log['zero_std_groups']:.2f} | "

@@ -250,6 +250,9 @@ def test_script_trains_saves_and_resumes(toy_data, grpo_setup, tmp_path):
     start = common.load_model(str(grpo_setup / "policy")).state_dict()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
     assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-3  # it did train
+    curves = [common.read_jsonl(str(tmp_path / run / "log.jsonl")) for run in ("straight", "resumed")]
+    assert [x["step"] for x in curves[1]] == [0, 1]  # the training curve, one line per step, across the resume
+    assert [x["reward"] for x in curves[0]] == [x["reward"] for x in curves[1]]  # samples keyed by step and prompt
 
 
 def test_script_rejects_bad_arguments(toy_data, grpo_setup, tmp_path):
