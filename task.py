@@ -260,12 +260,16 @@ FORMAT = re.compile(r"<think>.*?</think>.*?<answer>.*?</answer>", re.DOTALL)
 
 
 def parse_answer(text):
-    """The first <answer>[...]</answer> as a list of ints, or None if there is none or it does not parse."""
+    """The first <answer>...</answer> as a list of 1-based candidate numbers: a bracketed list "[3, 1, 2]", or
+    the single number the release's prompts ask for ("3" -> [3]: that candidate first, the rest kept in
+    order by merge_window); None if there is none or it does not parse."""
     start = text.find("<answer>")
     end = text.find("</answer>", start)
     if start < 0 or end < 0:
         return None
     body = text[start + len("<answer>"):end].strip()
+    if body.isdigit():
+        return [int(body)]
     if not (body.startswith("[") and body.endswith("]")):
         return None
     try:
@@ -275,7 +279,7 @@ def parse_answer(text):
 
 
 def is_well_formed(text):
-    """<think>...</think> then <answer>[ints]</answer> (the full format reward's condition)."""
+    """<think>...</think> then an answer that parses (the full format reward's condition)."""
     think = text.find("<think>")
     end = text.find("</think>", think)
     return think >= 0 and end >= 0 and text.find("<answer>", end) >= 0 and parse_answer(text[end:]) is not None
@@ -290,7 +294,8 @@ def positive_rank(text, positive):
 # rewards: pure functions of the policy's own text, never of observation text (docs/spec.md §4)
 
 def format_reward(text):
-    """0.5 for <think>...</think>...<answer>...</answer>, 0.5 more if the answer is a list of ints."""
+    """0.5 for <think>...</think>...<answer>...</answer>, 0.5 more if the answer parses: a list of ints, or the
+    single number a release-style prompt asks for (docs/spec.md §4)."""
     match = FORMAT.search(text)
     if not match:
         return 0.0

@@ -27,6 +27,8 @@ def test_format_reward():
     assert task.format_reward("<answer>[1, 2]</answer>") == 0.0  # no reasoning block
     assert task.format_reward("<think>x</think>\n<tool_call>\n{}\n</tool_call>") == 0.0  # stopped at a call
     assert task.format_reward("<answer>[1]</answer><think>x</think>") == 0.0  # wrong order
+    assert task.format_reward("<think>x</think><answer>2</answer>") == 1.0  # the release prompts' single number
+    assert task.positive_rank("<think>x</think><answer>2</answer>", 2) == 1
 
 
 def test_rank_reward():

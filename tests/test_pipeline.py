@@ -24,6 +24,10 @@ def test_quick_toy_pipeline_runs_end_to_end_and_resumes(tmp_path):
             assert 0 <= row["format_valid"] <= 100 and 0 <= row["tool_call_rate"] <= 100
     no_tools = [r for r in results["rows"] if r["stage"].startswith("no tools")]
     assert all(r["tool_call_rate"] == 0 for r in no_tools)  # tools are off in the ablation
+    curves = results["grpo_curves"]  # GRPO's per-step log, both arms, drawn in results.html
+    assert [len(curves[run]) for run in ("grpo", "grpo_notool")] == [2, 2] and all("zero_std_groups" in s for s in curves["grpo"])
+    page = open(tmp_path / "out/results.html").read()
+    assert page.count("<svg") == 4 and page.count("<polyline") == 8 and "| SFT + RSFT |" in page
     md = open(tmp_path / "out/results.md").read()
     assert "| SFT + RSFT |" in md and "quick mode" in md
     assert results["machine"]["matmul_gflops"] > 0 and "GFLOP/s" in md  # the speed the wall times were measured at

@@ -168,6 +168,9 @@ def test_parse_answer():
     assert parse_answer("<answer>[a, 1]</answer>") is None
     assert parse_answer("no answer") is None
     assert parse_answer("<answer>[]</answer>") == []
+    assert parse_answer("<answer> 3 </answer>") == [3]  # the release prompts ask for the single best number
+    assert parse_answer("<answer>-3</answer>") is None and parse_answer("<answer>3.0</answer>") is None
+    assert task.merge_window(["a", "b", "c", "d"], 0, 4, parse_answer("<answer>3</answer>")) == ["c", "a", "b", "d"]
 
 
 def test_merge_window_rules():

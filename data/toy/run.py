@@ -1,7 +1,7 @@
 """
 The whole toy pipeline in one command, on 2 CPU cores, from a fresh clone (after the install line):
 
-    python data/toy/run.py                  # ~27 min on 2 cores (README): writes out/toy/results.md and .json
+    python data/toy/run.py                  # ~11 min on 2 cores (README): out/toy/results.md, .json, .html
     python data/toy/run.py --quick=True --out=out/toy_quick   # minutes: tiny step counts (the smoke test)
 
 prepare -> embed (stage 0) -> retrieve -> vision pretraining + verdict drills + warm-up (the base model: the
@@ -15,6 +15,7 @@ skipped, so a rerun resumes after the last finished stage (the stages resume ins
 written when all stages are done. Seeds are fixed.
 """
 
+import html
 import os
 import subprocess
 import sys
@@ -230,12 +231,49 @@ def results(record, machine):
           f"\"no\" in {probe['no_right']} of {probe['no_places']}.\n\nStage wall times in s (threads); stages ran side "
           "by side on the cores, so they sum to more than the whole: "
           + ", ".join(f"{k} {v:.0f} ({threads[k]})" for k, v in times.items()) + "\n")
+    curves = {run: common.read_jsonl(f"{out}/{run}/log.jsonl") for run in ("grpo", "grpo_notool")}
+    md += "\nGRPO per step (reward, top-1, tool-call rate, zero-variance groups): " + "; ".join(
+        f"{run} " + ", ".join(f"[{s['reward']:.3f} {s['top1']:.2f} {s['tool_rate']:.2f} {s['zero_std_groups']:.2f}]" for s in log)
+        for run, log in curves.items()) + " (the curves: results.html)\n"
     common.atomic_write(f"{out}/results.md", lambda f: f.write(md))
+    write_html(md, curves)
     common.write_json(f"{out}/results.json", {"rows": rows, "stage_seconds": times, "stage_threads": threads,
-                                                "total_seconds": total, "quick": quick,
+                                                "total_seconds": total, "quick": quick, "grpo_curves": curves,
                                                 "machine": machine, "base_verdict_probe": probe})
     print(md)
     return rows
+
+
+CURVES = ("reward", "top1", "tool_rate", "zero_std_groups")  # GRPO's per-step log values drawn in results.html
+COLOURS = {"grpo": "#1f6fd1", "grpo_notool": "#e07b00"}
+
+
+def svg_chart(title, series):
+    """One line chart as inline SVG: series = {run: [y per step]}, y scaled to the values' own range."""
+    w, h, pad = 300, 150, 28
+    values = [v for ys in series.values() for v in ys] or [0.0]
+    lo, hi = min(values + [0.0]), max(values + [1.0])
+    steps = max((len(ys) for ys in series.values()), default=1)
+    x = lambda i: pad + (w - 2 * pad) * (i / max(1, steps - 1))  # noqa: E731
+    y = lambda v: h - pad - (h - 2 * pad) * ((v - lo) / (hi - lo or 1))  # noqa: E731
+    lines = [f'<polyline fill="none" stroke="{COLOURS.get(run, "#444")}" stroke-width="2" '
+             f'points="{" ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(ys))}"/>' for run, ys in series.items()]
+    axes = (f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#999"/>'
+            f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="#999"/>'
+            f'<text x="{pad}" y="16" font-size="12">{title}</text>'
+            f'<text x="2" y="{pad + 4}" font-size="10">{hi:.2f}</text><text x="2" y="{h - pad}" font-size="10">{lo:.2f}</text>'
+            f'<text x="{w - pad - 30}" y="{h - 8}" font-size="10">step {steps - 1}</text>')
+    return f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}">{axes}{"".join(lines)}</svg>'
+
+
+def write_html(md, curves):
+    """results.html: the results and GRPO's training curves (grpo.py's log.jsonl) as pictures, no dependency."""
+    legend = " ".join(f'<span style="color:{COLOURS[r]}">&#9632; {r}</span>' for r in curves)
+    charts = "".join(svg_chart(k, {run: [step[k] for step in log] for run, log in curves.items()}) for k in CURVES)
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>toy results</title></head><body>"
+            f"<h2>GRPO training curves</h2><p>{legend}</p><div>{charts}</div>"
+            f"<pre>{html.escape(md)}</pre></body></html>")
+    common.atomic_write(f"{out}/results.html", lambda f: f.write(page))
 
 
 ALONE = {"warmup"}  # the longest stage that nothing else can run beside: it waits for a free machine, gets every core
