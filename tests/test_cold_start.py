@@ -243,3 +243,21 @@ def test_vision_pretrain_trains_the_tower_only_and_saves_a_policy(sft, tmp_path)
         assert same if "visual" not in k else True
     assert any(not torch.equal(init[k], trained[k]) for k in init if "visual" in k)
     assert not os.path.exists(out + ".tmp")
+
+
+def test_a_blind_teacher_guesses_the_marks_it_cannot_read(toy_data, tmp_path, bench):
+    """blind_marks: for queries that want a mark the teacher cannot read it calls no tool and ranks the matches
+    in window order; the rule filter keeps only the guesses that happened to be right. Other queries as before."""
+    queries, pools, _ = bench
+    argv = [f"--data_root={toy_data}", f"--out_dir={tmp_path}", "--n_warmup=0", "--n_windows=0", "--n_restate=0",
+            "--n_compare=0", "--blind_marks=checks,diagonal"]
+    _, counts = run_stage("cold_start", argv)
+    records = common.read_jsonl(str(tmp_path / "cold_start.jsonl"))
+    blind = [r for r in records if pools[queries[r["qid"]]["pos_cand_list"][0]]["attributes"]["mark"] in ("checks", "diagonal")]
+    seeing = [r for r in records if r not in blind]
+    assert counts["filtered"] > 0 and blind and seeing  # most blind guesses were wrong and filtered out
+    for r in blind:
+        final = r["conversations"][-1]["value"]
+        assert len(r["conversations"]) == 3 and "I rank them in the order shown." in final or "Only candidate" in final
+        assert task.parse_answer(final)[0] == r["positive"]  # a kept guess is a right one
+    assert sum(len(r["conversations"]) == 5 for r in seeing) > 0.7 * len(seeing)  # the rest still look closer

@@ -45,6 +45,9 @@ n_restate = 3000           # query-reading warm-up records (warmup_queries.jsonl
 n_compare = 3000           # text-only tag-comparison drills (warmup_compare.jsonl; 0 = none)
 use_tools = True           # False: the no-tools ablation's data (no tools in the prompt, no tool calls)
 n_train_queries = 0        # train queries to use, one trajectory each (0 = all, both tasks)
+blind_marks = ""           # comma-separated marks (e.g. checks,diagonal) the teacher cannot read: for queries that
+                           # want one it ranks the matches unseen, in window order (kept only when right), an
+                           # imperfect teacher whose blind spot SFT inherits and only the outcome reward corrects
 seed = 1337
 # -----------------------------------------------------------------------------
 
@@ -262,8 +265,9 @@ def numbers(ks):
     return ks[0] if len(ks) == 1 else ", ".join(ks[:-1]) + " and " + ks[-1]
 
 
-def trajectory(q, pos, window_cands, use_tool, images, instruction, ref):
-    """One ShareGPT record: the rollout's prompt, then the teacher's turns (tool call, observation, answer)."""
+def trajectory(q, pos, window_cands, use_tool, images, instruction, ref, blind=False):
+    """One ShareGPT record: the rollout's prompt, then the teacher's turns (tool call, observation, answer).
+    blind: the teacher cannot read this query's tag: it answers without tools, the matches in window order."""
     q_path = q.get("query_img_path")
     messages = task.build_messages(q.get("query_txt") or "", bool(q_path), instruction,
                                       [c.get("txt") or "" for c in window_cands], [True] * len(window_cands), use_tool,
@@ -282,6 +286,10 @@ def trajectory(q, pos, window_cands, use_tool, images, instruction, ref):
         think = f"{intro} Only candidate {k_pos} matches."
     elif not use_tool:  # the no-tools ablation: the tags cannot be read, the teacher still ranks the positive first
         think = f"{intro} Candidates {numbers(fam)} match; their tags are too small to tell apart here."
+    if blind and len(fam) > 1 and use_tool:
+        think = f"{intro} Candidates {numbers(fam)} match; I rank them in the order shown."
+        turns.append({"from": "gpt", "value": f"<think>{think}</think>\n<answer>{fam + rest}</answer>"})
+        return turns, paths, sizes
     if len(fam) == 1 or not use_tool:
         answer = [k_pos] + [k for k in fam if k != k_pos] + rest
         turns.append({"from": "gpt", "value": f"<think>{think}</think>\n<answer>{answer}</answer>"})
@@ -352,7 +360,8 @@ def main():
         if i in no_tool:
             rng.shuffle(cands)
         turns, paths, sizes = trajectory(q, pos, cands, use_tools, images,
-                                         common.pick_instruction(instructions, q["qid"]), ref)
+                                         common.pick_instruction(instructions, q["qid"]), ref,
+                                         blind=pos["attributes"]["mark"] in blind_marks.split(","))
         tool_images = [images.load(ref["img_path"]) if ref else None] + [images.load(c["img_path"]) for c in cands]
         k_pos = cands.index(pos) + 1
         if not well_formed(turns, tool_images, k_pos, window):
