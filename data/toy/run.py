@@ -1,7 +1,7 @@
 """
 The whole toy pipeline in one command, on 2 CPU cores, from a fresh clone (after the install line):
 
-    python data/toy/run.py                  # ~11 min on 2 cores (README): out/toy/results.md, .json, .html
+    python data/toy/run.py                  # ~15 min on 2 cores (README): out/toy/results.md, .json, .html
     python data/toy/run.py --quick=True --out=out/toy_quick   # minutes: tiny step counts (the smoke test)
 
 prepare -> embed (stage 0) -> retrieve -> vision pretraining + verdict drills + warm-up (the base model: the
