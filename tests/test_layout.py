@@ -62,6 +62,9 @@ def test_stage_defaults_are_the_real_runs():
     assert rollout.prompt_max_pixels >= 448 * 448 and rollout.max_response_tokens == 12288
 
 
+OUTSIDE_NOTES = "REFER" + "ENCE"  # the team's notes outside the repository (spelled in two, so this file passes its own grep)
+
+
 def test_the_repository_cites_only_its_own_docs():
     spec = open(f"{REPO}/docs/spec.md").read()
     sections = set(re.findall(r"^## §(\d+)", spec, re.M))
@@ -69,7 +72,7 @@ def test_the_repository_cites_only_its_own_docs():
     cited = 0
     for path in files:
         text = open(path).read()
-        assert "REFERENCE" not in text, f"{path} cites a file outside the repository"
+        assert OUTSIDE_NOTES not in text, f"{path} cites a file outside the repository"
         for n in re.findall(r"docs/spec\.md §(\d+)", text):
             assert n in sections, f"{path} cites docs/spec.md §{n}, which does not exist"
             cited += 1
