@@ -83,6 +83,8 @@ tool_min_pixels = 3136     # ... and images the tools return
 tool_max_pixels = 2000000
 dtype = "bfloat16"         # bfloat16 | float32 (the toy, CPU)
 log_every = 1
+eval_prompts = 0           # training prompts held out of the stream and reranked greedily every eval_every steps:
+eval_every = 10            # the policy's greedy top-1 watched during training ({out_dir}/eval.jsonl; 0 prompts = off)
 save_every = 50            # also checkpoint every N steps (0 = only at the end)
 resume = True              # continue from {out_dir}/model if a trainer state is there
 wandb_log = False          # log to wandb (must be installed); else a no-op stand-in
@@ -212,20 +214,42 @@ def load_policy(start_from, device, compute_dtype, world_size):
     return model, processor, optimizer, params, reference
 
 
-def step_prompts(ranked, order, step, rank, world_size, benchmark, load, factor):
-    """This rank's prompts of one step (its share of prompts_per_step, groups whole) and each one's positive."""
+def make_prompts(picked, keys, benchmark, load, factor):
+    """The prompts of ranked records (window shuffled by key) and each one's positive position."""
     queries, pool, instructions = benchmark
-    per_rank = prompts_per_step // world_size
-    picked = [ranked[order[(step * prompts_per_step + j) % len(ranked)]] for j in range(prompts_per_step)]
     prompts, positives = [], []
-    for j, r in enumerate(picked[rank * per_rank:(rank + 1) * per_rank]):
-        dids = task.window_order(r["cands"][:window], (seed, step, rank * per_rank + j)) if shuffle_window else r["cands"][:window]
+    for r, key in zip(picked, keys):
+        dids = task.window_order(r["cands"][:window], (seed, *key)) if shuffle_window else r["cands"][:window]
         q = queries[r["qid"]]
         prompts.append(task.window_prompt(q, [pool[d] for d in dids], instructions, load, use_tools, prompt_min_pixels,
                                           prompt_max_pixels, factor, max_calls, prompt_style))
         positives.append(task.positive_position(dids, q.get("pos_cand_list")))
-        prompts[-1]["key"] = (step, rank * per_rank + j)  # samples keyed by step and prompt: any world size draws the same
+        prompts[-1]["key"] = key  # samples keyed by step and prompt: any world size draws the same
     return prompts, positives
+
+
+def step_prompts(ranked, order, step, rank, world_size, benchmark, load, factor):
+    """This rank's prompts of one step (its share of prompts_per_step, groups whole) and each one's positive."""
+    per_rank = prompts_per_step // world_size
+    js = range(rank * per_rank, (rank + 1) * per_rank)
+    picked = [ranked[order[(step * prompts_per_step + j) % len(order)]] for j in js]
+    return make_prompts(picked, [(step, j) for j in js], benchmark, load, factor)
+
+
+EVAL_KEY = 10 ** 9  # the held-out prompts' window orders: keys no training step uses
+
+
+def greedy_eval(engine, held_out, rank, world_size, benchmark, load):
+    """Greedy top-1 rate and mean reward of the policy on the held-out prompts (this rank's share, summed over
+    ranks): what the policy being trained does at temperature 0, where evaluation happens."""
+    js = range(rank, len(held_out), world_size)
+    prompts, positives = make_prompts([held_out[j] for j in js], [(EVAL_KEY, j) for j in js], benchmark, load, engine.factor)
+    trajs = engine.generate(prompts, 1, 0.0, 1.0, max_new_tokens, max_response_tokens, seed=seed)
+    rewards = [task.group_rewards([t["final_text"]], [t["n_valid_calls"]], p, reward, use_tools)[0]
+               for t, p in zip(trajs, positives)]
+    sums = {"top1": sum(task.positive_rank(t["final_text"], p) == 1 for t, p in zip(trajs, positives)),
+            "reward": sum(rewards), "n": len(trajs)}
+    return sums
 
 
 def score(trajs, positives):
@@ -284,11 +308,30 @@ def main():
             originals[rel] = common.load_image(common.resolve_path(rel, data_root))
         return originals[rel]
 
+    if not 0 <= eval_prompts < len(ranked):
+        raise ValueError(f"eval_prompts={eval_prompts}: must leave some of the {len(ranked)} prompts of {ranked_train} to train on")
     order = np.random.default_rng(seed).permutation(len(ranked))  # a fixed prompt stream: resumable
-    print0(f"GRPO on {len(ranked)} training prompts: {max_steps} steps of {prompts_per_step} prompts x {group_size}, "
+    held_out = [ranked[i] for i in order[len(order) - eval_prompts:]] if eval_prompts else []
+    order = order[:len(order) - eval_prompts]  # never trained on
+    eval_path = os.path.join(out_dir, "eval.jsonl")
+    if rank == 0 and held_out:
+        evals, _ = common.read_jsonl_resumable(eval_path, "step")
+        common.write_jsonl(eval_path, [x for x in evals if x["step"] < start])
+
+    def watch(step):  # step = updates done so far
+        model.eval()
+        with torch.no_grad():
+            sums = all_reduce_sums(greedy_eval(engine, held_out, rank, world_size, benchmark, load), device, world_size)
+        line = {"step": step, "top1": sums["top1"] / sums["n"], "reward": sums["reward"] / sums["n"], "prompts": int(sums["n"])}
+        print0(f"eval after {step} steps: greedy top1 {line['top1']:.3f} | reward {line['reward']:.3f} on {line['prompts']} held-out prompts")
+        if rank == 0:
+            common.append_jsonl(eval_path, [line])
+    print0(f"GRPO on {len(order)} training prompts ({len(held_out)} held out): {max_steps} steps of {prompts_per_step} prompts x {group_size}, "
            f"reward {reward}, tools {'on' if use_tools else 'off'}, from {start_from}")
     t0 = time.time()
     for step in range(start, max_steps):
+        if held_out and step % eval_every == 0:
+            watch(step)
         # 1. rollouts: this rank's prompts, G samples each
         prompts, positives = step_prompts(ranked, order, step, rank, world_size, benchmark, load, engine.factor)
         model.eval()
@@ -318,6 +361,8 @@ def main():
                    f"kl {log['kl']:.4f} | clip {log['clip_frac']:.3f} | {time.time() - t0:.0f}s")
         if save_every and (step + 1) % save_every == 0 and step + 1 < max_steps:
             common.save_checkpoint(model, processor, optimizer, step + 1, model_path, world_size, compute_dtype)
+    if held_out:
+        watch(max_steps)
     common.save_checkpoint(model, processor, optimizer, max_steps, model_path, world_size, compute_dtype)
     print0(f"saved {model_path}")
     common.dist_cleanup()

@@ -46,6 +46,8 @@ max_new_tokens = 4096      # tokens per generation (one assistant turn)
 max_response_tokens = 12288  # generated + observation tokens per trajectory
 temperature = 0.0          # 0 = greedy
 top_p = 1.0
+n_samples = 1              # trajectories per window: the ranking follows sample 0, every sample's trajectory is
+                           # written (with temperature > 0: per-window pass@k, the headroom RL has; docs/spec.md §7)
 prompt_min_pixels = 3136   # candidate and query images in the prompt, resized Qwen-style into [min, max]
 prompt_max_pixels = 200704  # (448x448)
 tool_min_pixels = 3136     # images returned by the tools
@@ -100,15 +102,18 @@ def rerank_batch(engine, batch, benchmark):
                                               use_tools, prompt_min_pixels, prompt_max_pixels, engine.factor, max_calls, prompt_style))
             prompts[-1]["key"] = (r["qid"], start)  # its samples are drawn from (seed, qid, window): resumable
             jobs.append((r["qid"], start, block, prompts[-1]["prompt_paths"]))
-        trajs = engine.generate(prompts, 1, temperature, top_p, max_new_tokens, max_response_tokens, seed=seed)
-        for (qid, start, block, prompt_paths), t in zip(jobs, trajs):
-            orders[qid] = task.merge_window(orders[qid], start, window, t["answer"])
+        trajs = engine.generate(prompts, n_samples, temperature, top_p, max_new_tokens, max_response_tokens, seed=seed)
+        for i, t in enumerate(trajs):  # prompt-major: n_samples trajectories per window
+            (qid, start, block, prompt_paths), sample = jobs[i // n_samples], i % n_samples
+            if sample == 0:  # the next window sees the order sample 0 left
+                orders[qid] = task.merge_window(orders[qid], start, window, t["answer"])
             images = [image_record(im, p) for im, p in zip(t["images"], prompt_paths)]
             for k, im in enumerate(t["images"][len(prompt_paths):]):
-                tool_path = os.path.join(out_dir, "images", f"{common.safe_filename(qid)}_w{start}_{k}.png")  # qid: any string
+                name = f"{common.safe_filename(qid)}_w{start}{f'_s{sample}' if n_samples > 1 else ''}_{k}.png"  # qid: any string
+                tool_path = os.path.join(out_dir, "images", name)
                 im.save(tool_path)
                 images.append(image_record(im, os.path.abspath(tool_path)))
-            traj_records.append({"qid": qid, "window_start": start, "window": block, "images": images,
+            traj_records.append({"qid": qid, "window_start": start, "sample": sample, "window": block, "images": images,
                                  **{k: v for k, v in t.items() if k not in ("images", "prompt_index", "sample_index")}})
     rerank_records = []
     for r in batch:

@@ -262,3 +262,39 @@ def test_script_rejects_bad_arguments(toy_data, grpo_setup, tmp_path):
         run_stage("grpo", script_args(toy_data, grpo_setup, tmp_path, 1) + ["--loss_agg=token_sum"])
     with pytest.raises(ValueError, match="reward"):
         run_stage("grpo", script_args(toy_data, grpo_setup, tmp_path, 1) + ["--reward=papers"])
+
+
+def test_held_out_prompts_are_watched_greedily_and_never_trained_on(toy_data, grpo_setup, tmp_path):
+    """eval_prompts: the last prompts of the stream are held out of training and reranked greedily every
+    eval_every steps and after the last; their mean reward at step 0 equals the starting policy's own greedy
+    rerank of those prompts, computed here through the engine; a resumed run logs the same evaluations."""
+    from engine import Engine
+    argv = script_args(toy_data, grpo_setup, tmp_path / "straight", 2) + ["--eval_prompts=2", "--eval_every=1"]
+    run_grpo(argv)
+    evals = common.read_jsonl(str(tmp_path / "straight/eval.jsonl"))
+    assert [e["step"] for e in evals] == [0, 1, 2] and all(e["prompts"] == 2 for e in evals)
+    # the held-out records, and the training stream without them (the script's own functions, configured the same)
+    module = importlib.reload(grpo)
+    configure(vars(module), argv, verbose=False)
+    ranked = common.read_jsonl(str(grpo_setup / "ranked.jsonl"))
+    order = np.random.default_rng(module.seed).permutation(len(ranked))
+    held = [ranked[i] for i in order[-2:]]
+    benchmark = task.load_benchmark(toy_data, module.train_query_files, module.train_pool_files, module.instructions_file)
+    load = lambda rel: common.load_image(common.resolve_path(rel, toy_data))  # noqa: E731
+    trained_qids = {ranked[order[:-2][(step * 2 + j) % (len(order) - 2)]]["qid"] for step in range(2) for j in range(2)}
+    assert not trained_qids & {r["qid"] for r in held}
+    model = common.load_model(str(grpo_setup / "policy")).eval()
+    processor = common.load_processor(str(grpo_setup / "policy"), 784, 12544)
+    engine = Engine(model, processor, True, module.max_calls, module.tool_min_pixels, module.tool_max_pixels)
+    rewards = []
+    for j, r in enumerate(held):
+        dids = task.window_order(r["cands"][:module.window], (module.seed, module.EVAL_KEY, j))
+        prompt = task.window_prompt(benchmark[0][r["qid"]], [benchmark[1][d] for d in dids], benchmark[2], load, True,
+                                    module.prompt_min_pixels, module.prompt_max_pixels, engine.factor, module.max_calls,
+                                    module.prompt_style)
+        (t,) = engine.generate([prompt], 1, 0.0, 1.0, module.max_new_tokens, module.max_response_tokens)
+        rewards.append(len(t["final_text"]) % 7 / 7)  # run_grpo's stand-in reward
+    assert evals[0]["reward"] == pytest.approx(sum(rewards) / 2)
+    run_grpo(script_args(toy_data, grpo_setup, tmp_path / "resumed", 1) + ["--eval_prompts=2", "--eval_every=1"])
+    run_grpo(script_args(toy_data, grpo_setup, tmp_path / "resumed", 2) + ["--eval_prompts=2", "--eval_every=1"])
+    assert common.read_jsonl(str(tmp_path / "resumed/eval.jsonl")) == evals

@@ -16,20 +16,37 @@ def test_quick_toy_pipeline_runs_end_to_end_and_resumes(tmp_path):
     run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     results = json.load(open(tmp_path / "out/results.json"))
-    stages = [r["stage"] for r in results["rows"]]
-    assert stages[0].startswith("stage-0") and "SFT + RSFT + GRPO" in stages and "no tools: SFT + GRPO" in stages
-    for row in results["rows"]:
-        assert 0 <= row["R@1"] <= row["R@5"] <= 100 and 0 < row["MRR"] <= 100
-        if row["format_valid"] is not None:
-            assert 0 <= row["format_valid"] <= 100 and 0 <= row["tool_call_rate"] <= 100
-    no_tools = [r for r in results["rows"] if r["stage"].startswith("no tools")]
-    assert all(r["tool_call_rate"] == 0 for r in no_tools)  # tools are off in the ablation
-    curves = results["grpo_curves"]  # GRPO's per-step log, both arms, drawn in results.html
-    assert [len(curves[run]) for run in ("grpo", "grpo_notool")] == [2, 2] and all("zero_std_groups" in s for s in curves["grpo"])
+    seeds, k = results["seeds"], results["pass_k"]
+    assert len(seeds) == 2 and set(results["tables"]) == {"paper", "release"}
+    rows = ("stage0", "base", "sft", "rsft", "sft_grpo", "grpo", "sft_notool", "grpo_notool")
+    for reward, table in results["tables"].items():
+        assert tuple(table) == rows
+        for arm, row in table.items():
+            assert len(row["R@1"]["per_seed"]) == (1 if arm in ("stage0", "base") else 2)
+            assert 0 <= row["R@1"]["mean"] <= row["R@5"]["mean"] <= 100 and 0 < row["MRR"]["mean"] <= 100
+            if arm in ("sft", "sft_notool"):  # sampled k times: the mean hit rate, at most the share with any hit
+                for a, b in zip(row["sampled_R@1"]["per_seed"], row["pass@k"]["per_seed"]):
+                    assert 0 <= a <= b <= 100
+            elif arm != "stage0":  # sampled once
+                assert 0 <= row["sampled_R@1"]["mean"] <= 100 and "pass@k" not in row
+            if "notool" in arm:
+                assert row["tool_call_rate"]["mean"] == 0 == row["sampled_tool_call_rate"]["mean"]  # tools off
+            if arm in ("sft_grpo", "grpo", "grpo_notool"):
+                assert 0 <= row["zero_var_groups"]["mean"] <= 100 and "heldout_top1_end" in row
+    for arm in ("base", "sft", "rsft", "sft_notool"):  # the same policies in both tables: no reward before GRPO
+        assert results["tables"]["release"][arm]["R@1"] == results["tables"]["paper"][arm]["R@1"]
+    # the sampled evaluation: k trajectories per test query, sample 0 the one a single-sample run draws
+    sampled = [json.loads(line) for line in open(tmp_path / f"out/seed{seeds[0]}/sample_sft/trajectories.jsonl")]
+    assert len(sampled) == k * results["test_queries"] and {t["sample"] for t in sampled} == set(range(k))
+    curves, evals = results["grpo_curves"], results["grpo_heldout_evals"]  # per reward, arm and seed
+    for reward in ("paper", "release"):
+        for arm in ("sft_grpo", "grpo", "grpo_notool"):
+            assert [len(curves[reward][arm][str(sd)]) for sd in seeds] == [2, 2]
+            assert [[e["step"] for e in evals[reward][arm][str(sd)]] for sd in seeds] == [[0, 1, 2]] * 2
     page = open(tmp_path / "out/results.html").read()
-    assert page.count("<svg") == 4 and page.count("<polyline") == 8 and "| SFT + RSFT |" in page
+    assert page.count("<svg") == 10 and page.count("<polyline") == 60 and "| SFT + RSFT |" in page
     md = open(tmp_path / "out/results.md").read()
-    assert "| SFT + RSFT |" in md and "quick mode" in md
+    assert "| SFT + RSFT |" in md and "| SFT + GRPO |" in md and "quick mode" in md and "## GRPO reward: release" in md
     assert results["machine"]["matmul_gflops"] > 0 and "GFLOP/s" in md  # the speed the wall times were measured at
     probe = results["base_verdict_probe"]  # its places counted from the drills' text
     drills = [json.loads(line) for line in open(tmp_path / "data/sft/warmup_compare.jsonl")][:probe["drills"]]
@@ -38,7 +55,7 @@ def test_quick_toy_pipeline_runs_end_to_end_and_resumes(tmp_path):
     assert probe["yes_places"] == answers.count(": yes,") and probe["no_places"] == answers.count(": no,")
     assert 0 <= probe["yes_right"] <= probe["yes_places"] and 0 <= probe["no_right"] <= probe["no_places"]
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and "[sft]" not in again.stdout + again.stderr  # nothing re-run
+    assert again.returncode == 0 and "[sft_" not in again.stdout + again.stderr  # nothing re-run
 
 
 def test_stages_start_when_their_inputs_are_done_and_share_the_cores(tmp_path, monkeypatch):

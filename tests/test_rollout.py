@@ -235,6 +235,24 @@ def test_rerank_writes_ranked_and_trajectories_and_resumes_after_a_kill(rerank_s
     assert open(b / "trajectories.jsonl").read() == "".join(tlines).replace(f"{tmp_path}/a/", f"{b}/")
 
 
+def test_n_samples_writes_every_sample_and_ranks_by_the_first(rerank_setup, tmp_path):
+    """n_samples: each window's samples are all written (per-window pass@k); sample 0 is the trajectory a
+    one-sample run draws (same key), so the ranking is the one-sample run's, and the others differ from it."""
+    from conftest import run_stage
+    root, args = rerank_setup
+    args = args + ["--temperature=1.0", "--max_new_tokens=6"]
+    run_stage("rollout", args + [f"--out_dir={tmp_path}/one"])
+    run_stage("rollout", args + [f"--out_dir={tmp_path}/three", "--n_samples=3"])
+    one = common.read_jsonl(f"{tmp_path}/one/trajectories.jsonl")
+    three = common.read_jsonl(f"{tmp_path}/three/trajectories.jsonl")
+    assert len(three) == 3 * len(one) and [t["sample"] for t in three[:6]] == [0, 1, 2, 0, 1, 2]
+    firsts = [t for t in three if t["sample"] == 0]
+    assert [(t["qid"], t["window_start"], t["input_ids"]) for t in firsts] == \
+        [(t["qid"], t["window_start"], t["input_ids"]) for t in one]
+    assert any(a["input_ids"] != b["input_ids"] for a, b in zip(three[0::3], three[1::3]))  # other draws
+    assert open(f"{tmp_path}/three/reranked.jsonl").read() == open(f"{tmp_path}/one/reranked.jsonl").read()
+
+
 def test_fsdp_sharded_policy_generates_without_deadlock(toy_data, tmp_path):
     import json
     import os

@@ -45,9 +45,11 @@ n_restate = 3000           # query-reading warm-up records (warmup_queries.jsonl
 n_compare = 3000           # text-only tag-comparison drills (warmup_compare.jsonl; 0 = none)
 use_tools = True           # False: the no-tools ablation's data (no tools in the prompt, no tool calls)
 n_train_queries = 0        # train queries to use, one trajectory each (0 = all, both tasks)
-blind_marks = ""           # comma-separated marks (e.g. checks,diagonal) the teacher cannot read: for queries that
-                           # want one it ranks the matches unseen, in window order (kept only when right), an
-                           # imperfect teacher whose blind spot SFT inherits and only the outcome reward corrects
+blind_marks = ""           # comma-separated marks (e.g. checks,diagonal) the teacher misreads: for a query that wants
+                           # one it still looks (select_images), then cannot tell the tags apart and ranks the
+                           # matches in window order (kept only when right): an imperfect teacher whose blind spot
+                           # SFT inherits and only the outcome reward corrects
+blind_rate = 1.0           # share of those queries on which the teacher is blind (the rest it reads as usual)
 seed = 1337
 # -----------------------------------------------------------------------------
 
@@ -267,7 +269,8 @@ def numbers(ks):
 
 def trajectory(q, pos, window_cands, use_tool, images, instruction, ref, blind=False):
     """One ShareGPT record: the rollout's prompt, then the teacher's turns (tool call, observation, answer).
-    blind: the teacher cannot read this query's tag: it answers without tools, the matches in window order."""
+    blind: the teacher looks at the matches as usual but cannot read this query's tag in the observation: it
+    ranks them in window order (the policy keeps looking; only what it concludes from the look is wrong)."""
     q_path = q.get("query_img_path")
     messages = task.build_messages(q.get("query_txt") or "", bool(q_path), instruction,
                                       [c.get("txt") or "" for c in window_cands], [True] * len(window_cands), use_tool,
@@ -286,10 +289,6 @@ def trajectory(q, pos, window_cands, use_tool, images, instruction, ref, blind=F
         think = f"{intro} Only candidate {k_pos} matches."
     elif not use_tool:  # the no-tools ablation: the tags cannot be read, the teacher still ranks the positive first
         think = f"{intro} Candidates {numbers(fam)} match; their tags are too small to tell apart here."
-    if blind and len(fam) > 1 and use_tool:
-        think = f"{intro} Candidates {numbers(fam)} match; I rank them in the order shown."
-        turns.append({"from": "gpt", "value": f"<think>{think}</think>\n<answer>{fam + rest}</answer>"})
-        return turns, paths, sizes
     if len(fam) == 1 or not use_tool:
         answer = [k_pos] + [k for k in fam if k != k_pos] + rest
         turns.append({"from": "gpt", "value": f"<think>{think}</think>\n<answer>{answer}</answer>"})
@@ -305,6 +304,8 @@ def trajectory(q, pos, window_cands, use_tool, images, instruction, ref, blind=F
         paths.append(images.save(im, f"select_{stem(window_cands[k - 1]['img_path'])}_{im.width}x{im.height}"))
         sizes.append([im.width, im.height])
     turn3 = tag_turn(fam, [window_cands[k - 1]["attributes"]["mark"] for k in fam], k_pos, len(window_cands))
+    if blind:
+        turn3 = f"<think>The tags look alike to me; I rank {numbers(fam)} in the order shown.</think>\n<answer>{fam + rest}</answer>"
     turns += [{"from": "gpt", "value": turn1}, obs, {"from": "gpt", "value": turn3}]
     return turns, paths, sizes
 
@@ -343,6 +344,7 @@ def main():
     compare = compare_records()
 
     no_tool = set(rng.sample(range(len(queries)), round(no_tool_fraction * len(queries))))
+    blind_draws = random.Random(seed + 5)  # a stream of its own: the other records are the same at any blind_rate
     records, n_filtered = [], 0
     for i, q in enumerate(queries):
         pool, fams = pools[q["qid"].split(":")[0]], families[q["qid"].split(":")[0]]
@@ -361,7 +363,7 @@ def main():
             rng.shuffle(cands)
         turns, paths, sizes = trajectory(q, pos, cands, use_tools, images,
                                          common.pick_instruction(instructions, q["qid"]), ref,
-                                         blind=pos["attributes"]["mark"] in blind_marks.split(","))
+                                         blind=blind_draws.random() < blind_rate and pos["attributes"]["mark"] in blind_marks.split(","))
         tool_images = [images.load(ref["img_path"]) if ref else None] + [images.load(c["img_path"]) for c in cands]
         k_pos = cands.index(pos) + 1
         if not well_formed(turns, tool_images, k_pos, window):

@@ -15,7 +15,6 @@ skipped, so a rerun resumes after the last finished stage (the stages resume ins
 written when all stages are done. Seeds are fixed.
 """
 
-import html
 import os
 import subprocess
 import sys
@@ -25,7 +24,9 @@ from tqdm import tqdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "data", "toy"))
 import common  # noqa: E402
+import report  # noqa: E402
 from configurator import configure  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -34,6 +35,12 @@ data = "data/toy"          # the generated benchmark
 quick = False              # tiny step counts and splits: checks the plumbing, not the numbers
 seed = 1337
 cores = 0                  # CPU cores the stages share (0 = all this process may use)
+seeds = 2                  # training seeds (seed, seed + 1, ...): every stage after the base model runs once per seed
+rewards = "paper,release"  # GRPO's rewards (docs/spec.md §4): every GRPO arm runs once per reward, one table each
+pass_k = 8                 # SFT's test samples per query at GRPO's temperature: sampled R@1 (their mean) and pass@k
+base = "data/toy/base_model"  # the base model every reranker starts from: the shipped checkpoint, or "build" to
+                           # train it here (vision pretraining, verdict drills, warm-up: ~12 min on 2 cores)
+ship_base = False          # with base=build: save the built base as data/toy/base_model (bf16) with its probe
 # -----------------------------------------------------------------------------
 
 TEST = ("query/test/mbeir_toyt2i_task0_test.jsonl,query/test/mbeir_toycir_task7_test.jsonl",
@@ -46,20 +53,23 @@ QRELS = "qrels/test/mbeir_toyt2i_task0_test_qrels.txt,qrels/test/mbeir_toycir_ta
 def settings(quick):
     """Step counts and sizes of every stage: (full run, quick run)."""
     pick = lambda full, small: small if quick else full  # noqa: E731
+    temperature = 0.7  # RSFT's and GRPO's sampling, and the sampled test evaluation
     return {
+        "temperature": temperature,
         "prepare": [f"--n_train={pick(1536, 24)}", f"--n_test={pick(100, 6)}"],
         "embed": [f"--embed_train_steps={pick(300, 4)}", f"--embed_batch_size={pick(64, 16)}"],
         "cold_start": [f"--n_warmup={pick(6000, 48)}", f"--n_windows={pick(3000, 8)}", f"--n_restate={pick(3000, 8)}",
                        f"--n_compare={pick(3000, 8)}",
-                       "--blind_marks=checks"],  # an imperfect teacher: SFT inherits its blind spot, RL corrects it
+                       "--blind_marks=checks,diagonal", "--blind_rate=0.9"],  # an imperfect teacher: SFT inherits its blind spot, RL corrects it
         "vision": [f"--vision_steps={pick(2000, 4)}"],
         "drills": [f"--epochs={pick(8, 1)}", "--batch_size=32", "--learning_rate=1e-3", "--stop_loss=0.006"],
         "warmup": [f"--epochs={pick(2, 1)}", "--batch_size=32", "--learning_rate=1e-3"],
         "sft": [f"--epochs={pick(0.5, 0.2)}", "--batch_size=8", "--learning_rate=1e-3", "--log_every=50"],
         "rsft": [f"--n_queries={pick(128, 4)}", "--n_samples=4", "--batch_queries=8", "--epochs=1", "--batch_size=8",
-                 "--learning_rate=1e-4", "--temperature=0.7", f"--max_new_tokens={pick(256, 48)}", "--require_tool=True"],
+                 "--learning_rate=1e-4", f"--temperature={temperature}", f"--max_new_tokens={pick(256, 48)}", "--require_tool=True"],
         "grpo": [f"--max_steps={pick(30, 2)}", f"--prompts_per_step={pick(8, 2)}", f"--group_size={pick(8, 2)}",
-                 "--learning_rate=2e-5", "--warmup_steps=2", "--temperature=0.7", f"--max_new_tokens={pick(256, 48)}", "--micro_batch_size=8"],
+                 "--learning_rate=2e-5", "--warmup_steps=2", f"--temperature={temperature}", f"--max_new_tokens={pick(256, 48)}",
+                 "--micro_batch_size=8", f"--eval_prompts={pick(64, 2)}", f"--eval_every={pick(10, 1)}"],
         "rerank": ["--batch_queries=100", "--max_response_tokens=2048", f"--max_new_tokens={pick(256, 48)}"],
     }
 
@@ -72,10 +82,15 @@ def stages(quick):
     o, d = out, data
     common_args = [f"{o}/config.py"]  # config/toy.py with this run's paths and seed (main writes it)
     qrels = "--qrels=" + ",".join(f"{d}/{q}" for q in QRELS.split(","))
+    building = base == "build" or quick  # quick mode builds a tiny base: the build's plumbing, tested in CI
+    base_dir, base_stage = (f"{o}/base/model", ["warmup"]) if building else (base, [])
+    warmup_data = [] if building else ["--n_warmup=0", "--n_windows=0", "--n_restate=0"]  # only the build needs them
     run = [
         ("prepare", py + ["data/toy/prepare.py", f"--out_dir={d}", f"--seed={seed}"] + s["prepare"], f"{d}/meta.json", []),
-        ("cold_start", py + ["data/toy/cold_start.py"] + common_args + [f"--out_dir={d}/sft"] + s["cold_start"],
+        ("cold_start", py + ["data/toy/cold_start.py"] + common_args + [f"--out_dir={d}/sft"] + s["cold_start"] + warmup_data,
          f"{d}/sft/cold_start.jsonl", ["prepare"]),
+    ]
+    build = [  # the base model, when it is built here
         # the verdict (is the tag read the wanted one?) on its own first: inside the warm-up mix it formed late and
         # only by chance, and once the mix had settled on "no" the drills could not move it; alone it formed after
         # ~300 to ~590 steps of 32 over 3 inits (README). The loss sits near 0.03 while the verdict is at chance
@@ -85,11 +100,13 @@ def stages(quick):
         ("drills", py + ["sft.py"] + common_args + ["--init_from=scratch", "--sft_data=sft/warmup_compare.jsonl",
                                                     f"--out_dir={o}/drills", "--freeze_vision=True"] + s["drills"],
          f"{o}/drills/model/trainer_state.json", ["cold_start"]),
+        ("vision", py + ["data/toy/vision_pretrain.py"] + common_args + [f"--out_dir={o}/vision"] + s["vision"],
+         f"{o}/vision/config.json", ["cold_start"]),
+    ]
+    stage0 = [
         ("embed", py + ["embed.py"] + common_args + [f"--embed_out_dir={o}/embed", f"--query_files={TEST[0]},{TRAIN[0]}",
                                                       f"--pool_files={TEST[1]},{TRAIN[1]}"] + s["embed"],
          f"{o}/embed/emb/mbeir_toycir_task7_train_cand_pool.npy", ["prepare"]),
-        ("vision", py + ["data/toy/vision_pretrain.py"] + common_args + [f"--out_dir={o}/vision"] + s["vision"],
-         f"{o}/vision/config.json", ["cold_start"]),
         ("retrieve_test", py + ["retrieve.py"] + common_args + [f"--emb_dir={o}/embed/emb", f"--ranked={o}/ranked_test.jsonl"],
          f"{o}/ranked_test.jsonl", ["embed"]),
         ("retrieve_train", py + ["retrieve.py"] + common_args + [f"--emb_dir={o}/embed/emb", f"--ranked={o}/ranked_train.jsonl",
@@ -101,62 +118,65 @@ def stages(quick):
                                                                               "--n_warmup=0", "--n_windows=0", "--n_restate=0",
                                                                               "--n_compare=0"], f"{d}/sft_notool/cold_start.jsonl",
          ["prepare"]),
+    ]
+    build += [
         # the drills are not in the warm-up's mix: without them the base still judged 476 of 501 right and SFT
         # after it reached the ceiling (README), and the warm-up is 750 steps instead of 938
         ("warmup", py + ["sft.py"] + common_args + [f"--init_from={o}/drills/model", f"--vision_from={o}/vision",
                                                     "--sft_data=sft/warmup.jsonl,sft/warmup_windows.jsonl,sft/warmup_queries.jsonl",
                                                     f"--out_dir={o}/base", "--freeze_vision=True"] + s["warmup"],
          f"{o}/base/model/trainer_state.json", ["drills", "vision"]),
-        ("sft", py + ["sft.py"] + common_args + [f"--init_from={o}/base/model", "--sft_data=sft/cold_start.jsonl",
-                                                 f"--out_dir={o}/sft"] + s["sft"], f"{o}/sft/model/trainer_state.json", ["warmup"]),
-        ("rsft", py + ["rsft.py"] + common_args + [f"--policy={o}/sft/model", f"--out_dir={o}/rsft", f"--ranked_train={o}/ranked_train.jsonl"]
-         + s["rsft"], f"{o}/rsft/model/trainer_state.json", ["sft", "retrieve_train"]),
-        ("grpo", py + ["grpo.py"] + common_args + [f"--policy={o}/rsft/model", f"--out_dir={o}/grpo", f"--ranked_train={o}/ranked_train.jsonl"]
-         + s["grpo"], f"{o}/grpo/model/trainer_state.json", ["rsft"]),
-        ("sft_notool", py + ["sft.py"] + common_args + [f"--init_from={o}/base/model", "--sft_data=sft_notool/cold_start.jsonl",
-                                                        f"--out_dir={o}/sft_notool"] + s["sft"], f"{o}/sft_notool/model/trainer_state.json",
-         ["warmup", "cold_start_notool"]),
-        ("grpo_notool", py + ["grpo.py"] + common_args + [f"--policy={o}/sft_notool/model", f"--out_dir={o}/grpo_notool", "--use_tools=False",
-                                                          f"--ranked_train={o}/ranked_train.jsonl"] + s["grpo"],
-         f"{o}/grpo_notool/model/trainer_state.json", ["sft_notool", "retrieve_train"]),
     ]
-    # each policy reranks the test split once it is trained; the reranks come after every training stage in
-    # this order, so that a free core goes to the sft -> rsft -> grpo chain first (the longest path)
-    reranks = []
-    for name, tag, policy, tools_on in [("warmup", "base", f"{o}/base/model", True), ("sft", "sft", f"{o}/sft/model", True),
-                                        ("rsft", "rsft", f"{o}/rsft/model", True), ("grpo", "grpo", f"{o}/grpo/model", True),
-                                        ("sft_notool", "sft_notool", f"{o}/sft_notool/model", False),
-                                        ("grpo_notool", "grpo_notool", f"{o}/grpo_notool/model", False)]:
-        reranks.append((f"{tag}_rerank", py + ["rollout.py"] + common_args + [
-            f"--policy={policy}", f"--out_dir={o}/rerank_{tag}", f"--ranked_in={o}/ranked_test.jsonl",
-            f"--use_tools={tools_on}"] + s["rerank"], f"{o}/rerank_{tag}/reranked.jsonl.done", [name, "retrieve_test"]))
-        reranks.append((f"{tag}_eval", py + ["evaluate.py", f"--ranked={o}/rerank_{tag}/reranked.jsonl", qrels],
-                        f"{o}/rerank_{tag}/metrics.json", [f"{tag}_rerank"]))
-    return run + reranks
+    # the base model is trained once (the stand-in for a pretrained VLM); every stage after it runs once per
+    # seed (SFT's data order, RSFT's and GRPO's samples), and GRPO once per reward
+    report.out, report.data = out, data  # the run's directories (report.run_dir, report.eval_dir)
+    policies = [("base", base_dir, True, ("base", seed, None))]  # (stage, model dir, tools on, (arm, seed, reward))
+    train = []
+    for sd in seed_list():
+        o_s = f"{o}/seed{sd}"
+        at = [f"--seed={sd}"]
+        train += [
+            (f"sft_{sd}", py + ["sft.py"] + common_args + at + [f"--init_from={base_dir}", "--sft_data=sft/cold_start.jsonl",
+                                                               f"--out_dir={o_s}/sft"] + s["sft"],
+             f"{o_s}/sft/model/trainer_state.json", base_stage + ["cold_start"]),
+            (f"rsft_{sd}", py + ["rsft.py"] + common_args + at + [f"--policy={o_s}/sft/model", f"--out_dir={o_s}/rsft",
+                                                                 f"--ranked_train={o}/ranked_train.jsonl"] + s["rsft"],
+             f"{o_s}/rsft/model/trainer_state.json", [f"sft_{sd}", "retrieve_train"]),
+            (f"sft_notool_{sd}", py + ["sft.py"] + common_args + at + [f"--init_from={base_dir}", "--sft_data=sft_notool/cold_start.jsonl",
+                                                                      f"--out_dir={o_s}/sft_notool"] + s["sft"],
+             f"{o_s}/sft_notool/model/trainer_state.json", base_stage + ["cold_start_notool"])]
+        policies += [(f"{arm}_{sd}", f"{report.run_dir(arm, sd, None)}/model", arm != "sft_notool", (arm, sd, None))
+                     for arm in ("sft", "rsft", "sft_notool")]
+        for rw in rewards.split(","):
+            for arm, start, tools_on in (("grpo", "rsft", True), ("sft_grpo", "sft", True), ("grpo_notool", "sft_notool", False)):
+                tag, run_dir = f"{arm}_{rw}_{sd}", report.run_dir(arm, sd, rw)
+                train.append((tag, py + ["grpo.py"] + common_args + at + [
+                    f"--policy={o_s}/{start}/model", f"--out_dir={run_dir}", f"--ranked_train={o}/ranked_train.jsonl",
+                    f"--reward={rw}", f"--use_tools={tools_on}"] + s["grpo"], f"{run_dir}/model/trainer_state.json",
+                    [f"{start}_{sd}", "retrieve_train"]))
+                policies.append((tag, f"{run_dir}/model", tools_on, (arm, sd, rw)))
+    # each policy reranks the test split greedily and samples it pass_k times at GRPO's temperature once it is
+    # trained; the evaluations come after every training stage, so that a free core goes to training first
+    evals = []
+    for tag, policy, tools_on, which in policies:
+        trained_by = base_stage if tag == "base" else [tag]
+        greedy, sampled = report.eval_dir(*which, "rerank"), report.eval_dir(*which, "sample")
+        rerank = [f"--policy={policy}", f"--ranked_in={o}/ranked_test.jsonl", f"--use_tools={tools_on}"] + s["rerank"]
+        evals += [
+            (f"{tag}_rerank", py + ["rollout.py"] + common_args + rerank + [f"--out_dir={greedy}"],
+             f"{greedy}/reranked.jsonl.done", trained_by + ["retrieve_test"]),
+            (f"{tag}_eval", py + ["evaluate.py", f"--ranked={greedy}/reranked.jsonl", qrels], f"{greedy}/metrics.json",
+             [f"{tag}_rerank"]),
+            # pass_k samples for SFT (the headroom GRPO starts from), one for the others (the sampled R@1 alone)
+            (f"{tag}_sample", py + ["rollout.py"] + common_args + rerank + [
+                f"--out_dir={sampled}", f"--n_samples={pass_k if which[0] in ('sft', 'sft_notool') else 1}",
+                f"--temperature={s['temperature']}"],
+             f"{sampled}/reranked.jsonl.done", trained_by + ["retrieve_test"])]
+    return run + (build if building else []) + stage0 + train + evals
 
 
-ROWS = [("stage-0 (embedder)", "stage0", None), ("warm-up base, zero-shot", "base", "warmup"), ("SFT", "sft", "sft"),
-        ("SFT + RSFT", "rsft", "rsft"), ("SFT + RSFT + GRPO", "grpo", "grpo"),
-        ("no tools: SFT", "sft_notool", "sft_notool"), ("no tools: SFT + GRPO", "grpo_notool", "grpo_notool")]
-
-
-def trajectory_stats(path, tools_on):
-    """Answer-format validity, tool-call rate, mean generated tokens and mean GRPO reward (paper variant, the
-    reward that stage's GRPO would give) over a rerank's trajectories."""
-    import task
-    trajs = common.read_jsonl(path)
-    positives = {}
-    for name in TEST[0].split(","):
-        positives.update({q["qid"]: q["pos_cand_list"] for q in common.read_jsonl(f"{data}/{name}")})
-    rewards = []
-    for t in trajs:
-        positive = task.positive_position(t["window"], positives[t["qid"]])
-        rewards += task.group_rewards([t["final_text"]], [t["n_valid_calls"]], positive, "paper", tools_on)
-    n = max(1, len(trajs))
-    return {"format_valid": 100 * sum(task.is_well_formed(t["final_text"]) for t in trajs) / n,
-            "tool_call_rate": 100 * sum(t["n_valid_calls"] > 0 for t in trajs) / n,
-            "mean_generated_tokens": sum(t["n_generated"] for t in trajs) / n,
-            "mean_reward": sum(rewards) / n}
+def seed_list():
+    return [seed + i for i in range(seeds)]
 
 
 def verdict_probe(model_dir, n=200):
@@ -197,84 +217,6 @@ def machine_speed():
         a @ b
         best = min(best, time.perf_counter() - t0)
     return {"matmul_gflops": round(2 * 1024 ** 3 / best / 1e9, 1), "threads": torch.get_num_threads()}
-
-
-def results(record, machine):
-    times, threads = record["seconds"], record["threads"]
-    rows = []
-    for label, tag, trained_by in ROWS:
-        metric_dir = f"{out}/stage0" if tag == "stage0" else f"{out}/rerank_{tag}"
-        m = common.read_json(f"{metric_dir}/metrics.json")["average"]
-        row = {"stage": label, "R@1": m["R@1"], "R@5": m["R@5"], "MRR": m["MRR"]}
-        if tag == "stage0":
-            row.update(format_valid=None, tool_call_rate=None, mean_generated_tokens=None, mean_reward=None,
-                       train_seconds=round(times.get("embed", 0)))
-        else:
-            row.update(trajectory_stats(f"{metric_dir}/trajectories.jsonl", "notool" not in tag))
-            train = times.get(trained_by, 0) + (times.get("vision", 0) + times.get("drills", 0) if trained_by == "warmup" else 0)
-            row["train_seconds"] = round(train)
-            row["rerank_seconds"] = round(times.get(f"{tag}_rerank", 0))
-        rows.append(row)
-    fmt = lambda v, p=1: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
-    lines = ["| stage | R@1 | R@5 | MRR | mean reward | format valid % | tool-call rate % | mean generated tokens | train s | rerank s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['stage']} | {fmt(r['R@1'])} | {fmt(r['R@5'])} | {fmt(r['MRR'])} | {fmt(r['mean_reward'], 3)} | {fmt(r['format_valid'])} | "
-                     f"{fmt(r['tool_call_rate'])} | {fmt(r['mean_generated_tokens'], 0)} | {r['train_seconds']} | "
-                     f"{r.get('rerank_seconds', '-')} |")
-    probe = verdict_probe(f"{out}/base/model")  # the base's own drills (a policy's are its trajectories)
-    total = record["wall"]
-    md = (f"# Toy results ({'quick mode: plumbing only' if quick else 'full run'})\n\n"
-          f"Test split of the toy benchmark, 200 queries, rerank of the stage-0 top 5. Wall time of the whole run "
-          f"(this machine): {total / 60:.1f} min; its fp32 matmul speed: {machine['matmul_gflops']:.0f} GFLOP/s "
-          f"on {machine['threads']} threads.\n\n" + "\n".join(lines) + "\n\nBase model's verdicts, teacher-forced on the "
-          f"first {probe['drills']} compare drills: \"yes\" right in {probe['yes_right']} of {probe['yes_places']}, "
-          f"\"no\" in {probe['no_right']} of {probe['no_places']}.\n\nStage wall times in s (threads); stages ran side "
-          "by side on the cores, so they sum to more than the whole: "
-          + ", ".join(f"{k} {v:.0f} ({threads[k]})" for k, v in times.items()) + "\n")
-    curves = {run: common.read_jsonl(f"{out}/{run}/log.jsonl") for run in ("grpo", "grpo_notool")}
-    md += "\nGRPO per step (reward, top-1, tool-call rate, zero-variance groups): " + "; ".join(
-        f"{run} " + ", ".join(f"[{s['reward']:.3f} {s['top1']:.2f} {s['tool_rate']:.2f} {s['zero_std_groups']:.2f}]" for s in log)
-        for run, log in curves.items()) + " (the curves: results.html)\n"
-    common.atomic_write(f"{out}/results.md", lambda f: f.write(md))
-    write_html(md, curves)
-    common.write_json(f"{out}/results.json", {"rows": rows, "stage_seconds": times, "stage_threads": threads,
-                                                "total_seconds": total, "quick": quick, "grpo_curves": curves,
-                                                "machine": machine, "base_verdict_probe": probe})
-    print(md)
-    return rows
-
-
-CURVES = ("reward", "top1", "tool_rate", "zero_std_groups")  # GRPO's per-step log values drawn in results.html
-COLOURS = {"grpo": "#1f6fd1", "grpo_notool": "#e07b00"}
-
-
-def svg_chart(title, series):
-    """One line chart as inline SVG: series = {run: [y per step]}, y scaled to the values' own range."""
-    w, h, pad = 300, 150, 28
-    values = [v for ys in series.values() for v in ys] or [0.0]
-    lo, hi = min(values + [0.0]), max(values + [1.0])
-    steps = max((len(ys) for ys in series.values()), default=1)
-    x = lambda i: pad + (w - 2 * pad) * (i / max(1, steps - 1))  # noqa: E731
-    y = lambda v: h - pad - (h - 2 * pad) * ((v - lo) / (hi - lo or 1))  # noqa: E731
-    lines = [f'<polyline fill="none" stroke="{COLOURS.get(run, "#444")}" stroke-width="2" '
-             f'points="{" ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(ys))}"/>' for run, ys in series.items()]
-    axes = (f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#999"/>'
-            f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="#999"/>'
-            f'<text x="{pad}" y="16" font-size="12">{title}</text>'
-            f'<text x="2" y="{pad + 4}" font-size="10">{hi:.2f}</text><text x="2" y="{h - pad}" font-size="10">{lo:.2f}</text>'
-            f'<text x="{w - pad - 30}" y="{h - 8}" font-size="10">step {steps - 1}</text>')
-    return f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}">{axes}{"".join(lines)}</svg>'
-
-
-def write_html(md, curves):
-    """results.html: the results and GRPO's training curves (grpo.py's log.jsonl) as pictures, no dependency."""
-    legend = " ".join(f'<span style="color:{COLOURS[r]}">&#9632; {r}</span>' for r in curves)
-    charts = "".join(svg_chart(k, {run: [step[k] for step in log] for run, log in curves.items()}) for k in CURVES)
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>toy results</title></head><body>"
-            f"<h2>GRPO training curves</h2><p>{legend}</p><div>{charts}</div>"
-            f"<pre>{html.escape(md)}</pre></body></html>")
-    common.atomic_write(f"{out}/results.html", lambda f: f.write(page))
 
 
 ALONE = {"warmup"}  # the longest stage that nothing else can run beside: it waits for a free machine, gets every core
@@ -335,6 +277,29 @@ def run_all(todo, log_path):
     return record
 
 
+def save_base(built, record, to="data/toy/base_model"):
+    """The built base as the shipped checkpoint: weights in bf16 (as pretrained VLMs ship; the trainers load
+    them into fp32), processor and tokenizer, and build.json with its probe and the stages that built it."""
+    import shutil
+    import torch
+    if quick or base != "build":
+        raise ValueError("ship_base=True needs base=build and a full run: the shipped base is the full build")
+    tmp = to + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    common.load_model(built, dtype=torch.bfloat16).save_pretrained(tmp)
+    for name in os.listdir(built):  # tokenizer, processor, chat template: everything but weights and trainer state
+        if os.path.isfile(f"{built}/{name}") and not name.endswith(".safetensors") and name != "trainer_state.json" \
+                and not os.path.exists(f"{tmp}/{name}"):
+            shutil.copy(f"{built}/{name}", f"{tmp}/{name}")
+    build_stages = ("prepare", "cold_start", "drills", "vision", "warmup")
+    common.write_json(f"{tmp}/build.json", {"command": "python data/toy/run.py --base=build --ship_base=True", "seed": seed,
+                                            "verdict_probe": verdict_probe(tmp),  # of the bf16 weights shipped
+                                            "stage_seconds": {k: round(record["seconds"][k]) for k in build_stages}})
+    shutil.rmtree(to, ignore_errors=True)
+    os.rename(tmp, to)
+    print(f"saved the base model to {to}")
+
+
 def write_run_config():
     """{out}/config.py: config/toy.py plus this run's paths and seed, the config file every stage gets."""
     with open("config/toy.py") as f:
@@ -353,7 +318,11 @@ def main():
     write_run_config()
     machine = machine_speed()
     record = run_all(stages(quick), f"{out}/stage_seconds.json")
-    return results(record, machine)
+    base_dir = f"{out}/base/model" if base == "build" or quick else base
+    if ship_base:
+        save_base(base_dir, record)
+    probe = verdict_probe(base_dir)  # the base's own drills (a policy's are its trajectories)
+    return report.write(seed_list(), rewards.split(","), pass_k, settings(quick)["temperature"], quick, record, machine, probe)
 
 
 if __name__ == "__main__":
