@@ -78,7 +78,7 @@ def policy_row(arm, sd, reward, pos):
     row.update(stats)
     sampled, hits = trajectory_stats(f"{eval_dir(arm, sd, reward, 'sample')}/trajectories.jsonl", tools_on, reward, pos)
     row["sampled_R@1"] = 100 * sum(sum(h) / len(h) for h in hits.values()) / max(1, len(hits))
-    if min(len(h) for h in hits.values()) > 1:  # SFT's k samples (one sample elsewhere: no pass@k)
+    if min(len(h) for h in hits.values()) > 1:  # SFT's k samples (one elsewhere: no pass@k)
         row["pass@k"] = 100 * sum(any(h) for h in hits.values()) / max(1, len(hits))
     row["sampled_tool_call_rate"] = sampled["tool_call_rate"]
     if arm in GRPO_ARMS:
