@@ -275,3 +275,8 @@ def test_a_blind_teacher_looks_then_guesses_the_marks_it_cannot_read(toy_data, t
     assert read and len([r for r in half if r in guessed]) < len(guessed)  # at rate 0.5 some blind marks are read
     same = lambda r: (r["qid"], r["conversations"], r["cands"], r["positive"])  # noqa: E731  (image dirs differ)
     assert [same(r) for r in half if mark(r) not in ("checks", "diagonal")] == [same(r) for r in seeing]
+    # a rate per mark: checks always unread, diagonal always read
+    run_stage("cold_start", argv[:-1] + [f"--out_dir={tmp_path}/per_mark", "--blind_marks=checks:1.0,diagonal:0.0"])
+    per_mark = common.read_jsonl(str(tmp_path / "per_mark/cold_start.jsonl"))
+    looked_alike = {mark(r) for r in per_mark if "look alike" in r["conversations"][-1]["value"]}
+    assert looked_alike == {"checks"} and any(mark(r) == "diagonal" and len(r["conversations"]) == 5 for r in per_mark)

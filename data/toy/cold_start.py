@@ -49,7 +49,8 @@ blind_marks = ""           # comma-separated marks (e.g. checks,diagonal) the te
                            # one it still looks (select_images), then cannot tell the tags apart and ranks the
                            # matches in window order (kept only when right): an imperfect teacher whose blind spot
                            # SFT inherits and only the outcome reward corrects
-blind_rate = 1.0           # share of those queries on which the teacher is blind (the rest it reads as usual)
+blind_rate = 1.0           # share of those queries on which the teacher is blind (the rest it reads as usual);
+                           # a mark may carry its own, e.g. checks:1.0,diagonal:0.97
 seed = 1337
 # -----------------------------------------------------------------------------
 
@@ -345,6 +346,7 @@ def main():
 
     no_tool = set(rng.sample(range(len(queries)), round(no_tool_fraction * len(queries))))
     blind_draws = random.Random(seed + 5)  # a stream of its own: the other records are the same at any blind_rate
+    blind = {m.split(":")[0]: float(m.split(":")[1]) if ":" in m else blind_rate for m in blind_marks.split(",") if m}
     records, n_filtered = [], 0
     for i, q in enumerate(queries):
         pool, fams = pools[q["qid"].split(":")[0]], families[q["qid"].split(":")[0]]
@@ -363,7 +365,7 @@ def main():
             rng.shuffle(cands)
         turns, paths, sizes = trajectory(q, pos, cands, use_tools, images,
                                          common.pick_instruction(instructions, q["qid"]), ref,
-                                         blind=blind_draws.random() < blind_rate and pos["attributes"]["mark"] in blind_marks.split(","))
+                                         blind=blind_draws.random() < blind.get(pos["attributes"]["mark"], 0.0))
         tool_images = [images.load(ref["img_path"]) if ref else None] + [images.load(c["img_path"]) for c in cands]
         k_pos = cands.index(pos) + 1
         if not well_formed(turns, tool_images, k_pos, window):
