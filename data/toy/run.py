@@ -1,18 +1,20 @@
 """
 The whole toy pipeline in one command, on 2 CPU cores, from a fresh clone (after the install line):
 
-    python data/toy/run.py                  # ~15 min on 2 cores (README): out/toy/results.md, .json, .html
+    python data/toy/run.py                  # see the README for its wall time: out/toy/results.md, .json, .html
     python data/toy/run.py --quick=True --out=out/toy_quick   # minutes: tiny step counts (the smoke test)
+    python data/toy/run.py --base=build --ship_base=True      # also rebuild the shipped base model (~12 min more)
 
-prepare -> embed (stage 0) -> retrieve -> vision pretraining + verdict drills + warm-up (the base model: the
-toy's stand-in for a pretrained VLM, docs/spec.md §9) -> cold-start SFT -> RSFT -> GRPO, each reranker stage evaluated on the
-test split (rollout.py over the stage-0 top 5, then evaluate.py); plus the no-tools ablation, which shares
-everything before cold-start SFT: SFT on the same windows without tools, then GRPO without tools.
+prepare -> embed (stage 0) -> retrieve, and from the base model (data/toy/base_model, the toy's stand-in for
+a pretrained VLM, docs/spec.md §9; --base=build trains it here: vision pretraining + verdict drills +
+warm-up) -> cold-start SFT -> RSFT -> GRPO, plus SFT -> GRPO (the paper's SFT + RL) and the no-tools
+ablation (SFT on the same windows without tools, then GRPO without tools). Every stage after the base runs
+once per seed, every GRPO arm once per reward. Each policy reranks the test split (rollout.py over the
+stage-0 top 5) greedily, scored by evaluate.py, and sampled at GRPO's temperature (SFT pass_k times).
 Every stage is the command a user would type (printed as it starts), run as its own process as soon as
-the stages it needs are done: on 2 cores the verdict drills run beside the vision tower's pretraining and
-stage 0, and the no-tools branch beside the tools branch, one thread each. A stage whose output exists is
-skipped, so a rerun resumes after the last finished stage (the stages resume inside, too); results are
-written when all stages are done. Seeds are fixed.
+the stages it needs are done, one thread each when two are ready. A stage whose output exists is
+skipped, so a rerun resumes after the last finished stage (the stages resume inside, too); results
+(data/toy/report.py) are written when all stages are done. Seeds are fixed.
 """
 
 import os
