@@ -200,17 +200,18 @@ def test_vision_from_takes_the_tower_of_another_checkpoint(toy_data, sft_data, t
     assert not torch.equal(joined["lm_head.weight"], want["lm_head.weight"])  # the language model is not the donor's
 
 
-def test_thread_count_does_not_change_the_trained_weights(toy_data, sft_data, tmp_path):
+def test_thread_count_barely_changes_the_trained_weights(toy_data, sft_data, tmp_path):
     """data/toy/run.py gives a stage 1 or 2 threads depending on what runs beside it; with the vision tower frozen
-    (every policy stage) the weights come out bit for bit the same. A trained tower's do not (measured), so
-    run.py pins the threads of the two stages that train one (embed, vision)."""
+    (every policy stage) the weights come out the same up to float summation order. Bit for bit on one AMD
+    EPYC; on an Intel Xeon (both AVX-512) 25 of 45 tensors differed by up to 6.2e-6 after these 2 epochs
+    (measured). A trained tower's differ more (measured), so run.py pins the threads of embed and vision."""
     args = [TOY_CONFIG, f"--data_root={toy_data}", f"--sft_data={sft_data}", f"--tokenizer_dir={toy_data}/tokenizer",
             "--epochs=2", "--batch_size=2", "--learning_rate=1e-3", "--freeze_vision=True"] + TINY
     weights = []
     for threads in (1, 2):
         run_sft(args + [f"--out_dir={tmp_path}/t{threads}"], 1, threads)
         weights.append(common.load_model(f"{tmp_path}/t{threads}/model").state_dict())
-    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[0]) < 1e-4
 
 
 def test_stop_loss_ends_training_early_and_a_rerun_adds_nothing(toy_data, sft_data, tmp_path):

@@ -227,8 +227,9 @@ ALONE = {"warmup"}  # the longest stage that nothing else can run beside: it wai
 def run_all(todo, log_path):
     """Runs the stages as their inputs become ready, several at once when the cores allow: the free cores are
     split between the ready stages (OMP_NUM_THREADS); two stages on one core each get ~1.4x the work done of
-    one stage on both (README). With the vision tower frozen the thread count changes a stage's speed, not
-    its numbers (tests/test_sft.py). Each stage writes its output to {out}/logs/{name}.log."""
+    one stage on both (README). With the vision tower frozen the thread count changes a stage's speed and,
+    on some CPUs, the float summation order (~1e-6, tests/test_sft.py). Each stage writes its output to
+    {out}/logs/{name}.log."""
     ncores = cores or len(os.sched_getaffinity(0))
     record = common.read_json(log_path) if os.path.exists(log_path) else {"seconds": {}, "threads": {}, "wall": 0.0}
     wall_before, t_start = record["wall"], time.time()  # a resumed run adds its wall time to the earlier ones'
@@ -264,7 +265,7 @@ def run_all(todo, log_path):
         for k, (name, cmd, done, _) in enumerate(starting):
             threads = free // len(starting) + (k < free % len(starting))
             # a trained vision tower's gradients depend on the thread count (tests/test_sft.py): these two stages
-            # always get one, so that a rerun gives the same numbers however the stages overlapped
+            # always get one, so that their numbers do not depend on how the stages overlapped
             threads = 1 if name in ("embed", "vision") else threads
             log = open(f"{out}/logs/{name}.log", "w")
             tqdm.write(f"\n[{name}] ({threads} thread{'s' * (threads > 1)}, log {log.name}) {' '.join(cmd[1:])}")
