@@ -434,9 +434,8 @@ def trainer_tensors(model, optimizer):
 def save_checkpoint(model, processor, optimizer, step, path, world_size, save_dtype=torch.float32, extra=None):
     """The checkpoint of a training step (see above). extra: JSON-able values kept in trainer_state.json."""
     from safetensors.torch import save_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     rank, tmp = (dist.get_rank() if dist.is_initialized() else 0), path.rstrip("/") + ".tmp"
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # collective
+    full = full_state_dict(model)  # collective
     if rank == 0:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
@@ -446,16 +445,41 @@ def save_checkpoint(model, processor, optimizer, step, path, world_size, save_dt
               metadata={"step": str(step), "world_size": str(world_size)})
     barrier()
     if rank == 0:
-        weights = {k: v.to(save_dtype) if v.is_floating_point() else v for k, v in full.items()}
-        model.config.dtype = save_dtype  # what config.json says the weights are
-        model.save_pretrained(tmp, state_dict=weights)
-        processor.save_pretrained(tmp)
+        write_weights(model, processor, full, tmp, save_dtype)
         groups = [{k: v for k, v in g.items() if k != "params" and isinstance(v, (int, float, bool, str, list, tuple))}
                   for g in optimizer.param_groups]
         write_json(os.path.join(tmp, "trainer_state.json"), {"step": step, "world_size": world_size,
                                                                "param_groups": groups, **(extra or {})})
         swap_into_place(tmp, path)
     barrier()
+
+
+def save_weights(model, processor, path, save_dtype, files):
+    """The model alone, for inference (no trainer state: not a resume point), plus files: {name: JSON-able}."""
+    rank, tmp = (dist.get_rank() if dist.is_initialized() else 0), path.rstrip("/") + ".tmp"
+    full = full_state_dict(model)  # collective
+    if rank == 0:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        write_weights(model, processor, full, tmp, save_dtype)
+        for name, value in files.items():
+            write_json(os.path.join(tmp, name), value)
+        swap_into_place(tmp, path)
+    barrier()
+
+
+def full_state_dict(model):
+    """The whole model's weights on CPU, gathered from every rank's shard (a collective: every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def write_weights(model, processor, full, to, save_dtype):
+    """The Hugging Face model directory: weights (full: a full state dict) in save_dtype, config, processor."""
+    weights = {k: v.to(save_dtype) if v.is_floating_point() else v for k, v in full.items()}
+    model.config.dtype = save_dtype  # what config.json says the weights are
+    model.save_pretrained(to, state_dict=weights)
+    processor.save_pretrained(to)
 
 
 def swap_into_place(tmp, path):

@@ -45,6 +45,8 @@ train_query_files = "query/rl_train.jsonl"  # the release's RL prompts as conver
 train_pool_files = "cand_pool/rl_train_cand_pool.jsonl"
 instructions_file = "instructions.json"
 ranked_train = "data/vretrver/ranked/rl_train.jsonl"  # stage-0 ranking of the training queries: the prompt's candidates
+exclude_queries_in = ""    # JSONL files under data_root (e.g. the cold-start SFT data) whose records' qids are never
+                           # prompts: RL on the queries the SFT teacher left without a trajectory (the toy's, README)
 policy = "out/mbeir/rsft/model"  # start from this checkpoint (local Hugging Face directory)
 out_dir = "out/mbeir/grpo"  # model/ (HF format + trainer state) goes here
 window = 20                # candidates per prompt: the top of the stage-0 list (the released RL data's windows)
@@ -85,6 +87,8 @@ dtype = "bfloat16"         # bfloat16 | float32 (the toy, CPU)
 log_every = 1
 eval_prompts = 0           # training prompts held out of the stream and reranked greedily every eval_every steps:
 eval_every = 10            # the policy's greedy top-1 watched during training ({out_dir}/eval.jsonl; 0 prompts = off)
+keep_best = True           # with eval_prompts: the weights of the best evaluation so far (top-1, then reward; the
+                           # earliest on ties, the start policy included) also go to {out_dir}/best, in dtype
 save_every = 50            # also checkpoint every N steps (0 = only at the end)
 resume = True              # continue from {out_dir}/model if a trainer state is there
 wandb_log = False          # log to wandb (must be installed); else a no-op stand-in
@@ -283,6 +287,7 @@ def main():
     benchmark = task.load_benchmark(data_root, train_query_files, train_pool_files, instructions_file)
     ranked = common.read_jsonl(ranked_train, required=("qid", "cands"))
     task.check_ranked(ranked, *benchmark[:2], window, ranked_train)
+    ranked = task.drop_queries(ranked, exclude_queries_in, data_root, ranked_train)
     model_path = os.path.join(out_dir, "model")
     resuming = resume and common.read_trainer_state(model_path) is not None
     start_from, compute_dtype = model_path if resuming else policy, common.torch_dtype(dtype)
@@ -314,11 +319,19 @@ def main():
     held_out = [ranked[i] for i in order[len(order) - eval_prompts:]] if eval_prompts else []
     order = order[:len(order) - eval_prompts]  # never trained on
     eval_path = os.path.join(out_dir, "eval.jsonl")
-    if rank == 0 and held_out:
+    best_path = os.path.join(out_dir, "best")
+    best = None  # the best evaluation so far, (top1, reward): its weights are in best_path
+    if held_out:
         evals, _ = common.read_jsonl_resumable(eval_path, "step")
-        common.write_jsonl(eval_path, [x for x in evals if x["step"] < start])
+        evals = [x for x in evals if x["step"] < start]  # the evaluations of the steps the checkpoint holds
+        if rank == 0:
+            common.write_jsonl(eval_path, evals)
+        saved = common.read_json(os.path.join(best_path, "best.json")) if os.path.exists(os.path.join(best_path, "best.json")) else None
+        if keep_best and saved and saved["step"] < start:  # else it is from steps run again now, or none
+            best = (saved["top1"], saved["reward"])
 
     def watch(step):  # step = updates done so far
+        nonlocal best
         model.eval()
         with torch.no_grad():
             sums = all_reduce_sums(greedy_eval(engine, held_out, rank, world_size, benchmark, load), device, world_size)
@@ -326,6 +339,10 @@ def main():
         print0(f"eval after {step} steps: greedy top1 {line['top1']:.3f} | reward {line['reward']:.3f} on {line['prompts']} held-out prompts")
         if rank == 0:
             common.append_jsonl(eval_path, [line])
+        if keep_best and (best is None or (line["top1"], line["reward"]) > best):  # same values on every rank
+            best = (line["top1"], line["reward"])
+            common.save_weights(model, processor, best_path, compute_dtype, {"best.json": line})
+            print0(f"best so far: saved to {best_path}")
     print0(f"GRPO on {len(order)} training prompts ({len(held_out)} held out): {max_steps} steps of {prompts_per_step} prompts x {group_size}, "
            f"reward {reward}, tools {'on' if use_tools else 'off'}, from {start_from}")
     t0 = time.time()

@@ -38,6 +38,8 @@ ranked_train = "data/vretrver/ranked/rl_train.jsonl"  # stage-0 ranking of the t
 policy = "out/mbeir/sft/model"  # the SFT checkpoint to sample from and to fine-tune
 out_dir = "out/mbeir/rsft"  # sampled.jsonl, rsft_data.jsonl, images/ and model/
 n_queries = 0              # training queries to sample (0 = all)
+exclude_queries_in = ""    # JSONL files under data_root (e.g. the cold-start SFT data) whose records' qids are not
+                           # sampled: RSFT on the queries the teacher left without a trajectory (docs/spec.md §5)
 n_samples = 8              # trajectories per query
 window = 20                # candidates in the prompt: the top of the stage-0 list
 shuffle_window = True      # ... in a random order: stage 0's order on its own training queries is a shortcut
@@ -184,6 +186,7 @@ def main():
     torch_dtype = common.torch_dtype(dtype)
     benchmark = task.load_benchmark(data_root, train_query_files, train_pool_files, instructions_file)
     ranked = common.read_jsonl(ranked_train, required=("qid", "cands"))
+    ranked = task.drop_queries(ranked, exclude_queries_in, data_root, ranked_train)
     ranked = ranked[:n_queries] if n_queries else ranked
     task.check_ranked(ranked, *benchmark[:2], window, ranked_train)
     data_path, image_dir = os.path.join(out_dir, "rsft_data.jsonl"), os.path.join(out_dir, "images")

@@ -192,6 +192,19 @@ def load_benchmark(root, query_files, pool_files, instructions_file):
     return queries, pool, instructions
 
 
+def drop_queries(ranked, files, data_root, where):
+    """The ranked records (from the file `where`) whose qid is in none of files: comma-separated JSONL paths
+    under data_root, e.g. the cold-start SFT data, so that RSFT and GRPO work on the queries the teacher left
+    without a trajectory (docs/spec.md §5)."""
+    if not files:
+        return ranked
+    taught = {r["qid"] for f in files.split(",") for r in common.read_jsonl(common.resolve_path(f, data_root), required=("qid",))}
+    left = [r for r in ranked if r["qid"] not in taught]
+    if not left:
+        raise ValueError(f"exclude_queries_in={files}: it holds every query of {where}, none is left")
+    return left
+
+
 def check_ranked(ranked, queries, pool, depth, where):
     """Every ranked qid is a known query and each of its first `depth` candidates a known pool item, checked
     before any work so that a bad record is named up front, not found mid-run."""

@@ -268,7 +268,6 @@ def test_held_out_prompts_are_watched_greedily_and_never_trained_on(toy_data, gr
     """eval_prompts: the last prompts of the stream are held out of training and reranked greedily every
     eval_every steps and after the last; their mean reward at step 0 equals the starting policy's own greedy
     rerank of those prompts, computed here through the engine; a resumed run logs the same evaluations."""
-    from engine import Engine
     argv = script_args(toy_data, grpo_setup, tmp_path / "straight", 2) + ["--eval_prompts=2", "--eval_every=1"]
     run_grpo(argv)
     evals = common.read_jsonl(str(tmp_path / "straight/eval.jsonl"))
@@ -283,8 +282,26 @@ def test_held_out_prompts_are_watched_greedily_and_never_trained_on(toy_data, gr
     load = lambda rel: common.load_image(common.resolve_path(rel, toy_data))  # noqa: E731
     trained_qids = {ranked[order[:-2][(step * 2 + j) % (len(order) - 2)]]["qid"] for step in range(2) for j in range(2)}
     assert not trained_qids & {r["qid"] for r in held}
-    model = common.load_model(str(grpo_setup / "policy")).eval()
-    processor = common.load_processor(str(grpo_setup / "policy"), 784, 12544)
+    rewards = held_out_rewards(str(grpo_setup / "policy"), held, module, benchmark, toy_data)
+    assert evals[0]["reward"] == pytest.approx(sum(rewards) / 2)
+    run_grpo(script_args(toy_data, grpo_setup, tmp_path / "resumed", 1) + ["--eval_prompts=2", "--eval_every=1"])
+    run_grpo(script_args(toy_data, grpo_setup, tmp_path / "resumed", 2) + ["--eval_prompts=2", "--eval_every=1"])
+    assert common.read_jsonl(str(tmp_path / "resumed/eval.jsonl")) == evals
+    # keep_best: {out_dir}/best holds the weights of the best evaluation (top-1, then reward, the earliest on
+    # ties): they rerank the held-out prompts to the recorded reward, and a resumed run keeps the same one
+    best = common.read_json(str(tmp_path / "straight/best/best.json"))
+    assert best == max(evals, key=lambda e: (e["top1"], e["reward"], -e["step"]))
+    assert sum(held_out_rewards(str(tmp_path / "straight/best"), held, module, benchmark, toy_data)) / 2 == pytest.approx(best["reward"])
+    assert common.read_json(str(tmp_path / "resumed/best/best.json")) == best
+
+
+def held_out_rewards(model_dir, held, module, benchmark, toy_data):
+    """The stand-in rewards of a model's greedy reranks of held-out records, through the engine, windows keyed
+    as grpo.py keys its evaluation prompts."""
+    from engine import Engine
+    load = lambda rel: common.load_image(common.resolve_path(rel, toy_data))  # noqa: E731
+    model = common.load_model(model_dir).eval()
+    processor = common.load_processor(model_dir, 784, 12544)
     engine = Engine(model, processor, True, module.max_calls, module.tool_min_pixels, module.tool_max_pixels)
     rewards = []
     for j, r in enumerate(held):
@@ -294,7 +311,25 @@ def test_held_out_prompts_are_watched_greedily_and_never_trained_on(toy_data, gr
                                     module.prompt_style)
         (t,) = engine.generate([prompt], 1, 0.0, 1.0, module.max_new_tokens, module.max_response_tokens)
         rewards.append(len(t["final_text"]) % 7 / 7)  # run_grpo's stand-in reward
-    assert evals[0]["reward"] == pytest.approx(sum(rewards) / 2)
-    run_grpo(script_args(toy_data, grpo_setup, tmp_path / "resumed", 1) + ["--eval_prompts=2", "--eval_every=1"])
-    run_grpo(script_args(toy_data, grpo_setup, tmp_path / "resumed", 2) + ["--eval_prompts=2", "--eval_every=1"])
-    assert common.read_jsonl(str(tmp_path / "resumed/eval.jsonl")) == evals
+    return rewards
+
+
+def test_queries_of_the_sft_data_are_never_prompts(toy_data, grpo_setup, tmp_path):
+    """exclude_queries_in: the qids of those records leave the prompt stream (and the held-out prompts): with 4
+    of 6 excluded, the one held-out prompt is the remaining record the permutation puts last, which the step-0
+    evaluation reranks; excluding every query is an error naming the file."""
+    ranked = common.read_jsonl(str(grpo_setup / "ranked.jsonl"))
+    common.write_jsonl(tmp_path / "taught.jsonl", [{"qid": r["qid"], "conversations": []} for r in ranked[:4]])
+    argv = script_args(toy_data, grpo_setup, tmp_path / "out", 1) + [
+        f"--exclude_queries_in={tmp_path}/taught.jsonl", "--eval_prompts=1", "--eval_every=1"]
+    run_grpo(argv)
+    module = importlib.reload(grpo)
+    configure(vars(module), argv, verbose=False)
+    left = ranked[4:]
+    held = [left[np.random.default_rng(module.seed).permutation(len(left))[-1]]]
+    benchmark = task.load_benchmark(toy_data, module.train_query_files, module.train_pool_files, module.instructions_file)
+    (step0, _) = common.read_jsonl(str(tmp_path / "out/eval.jsonl"))
+    assert step0["reward"] == pytest.approx(held_out_rewards(str(grpo_setup / "policy"), held, module, benchmark, toy_data)[0])
+    common.write_jsonl(tmp_path / "all.jsonl", [{"qid": r["qid"]} for r in ranked])
+    with pytest.raises(ValueError, match="all.jsonl"):
+        run_stage("grpo", script_args(toy_data, grpo_setup, tmp_path / "none", 1) + [f"--exclude_queries_in={tmp_path}/all.jsonl"])

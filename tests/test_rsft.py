@@ -68,6 +68,11 @@ def test_rsft_keeps_only_well_formed_trajectories_that_rank_the_positive_first(r
     assert r["conversations"][3]["value"].startswith("Here are the selected images for detailed analysis.")
     assert len(r["images"]) == 5 + 2 and r["image_sizes"][-1] == [112, 112] and r["positive"] == 2
     assert common.load_model(f"{root}/any/model") is not None  # then it fine-tuned through sft.train
+    # exclude_queries_in: the queries of the SFT data are never sampled
+    common.write_jsonl(str(root / "taught.jsonl"), [{"qid": ranked[0]["qid"], "conversations": []}])
+    run_stage("rsft", args + [f"--out_dir={root}/untaught", "--shuffle_window=False", f"--exclude_queries_in={root}/taught.jsonl"])
+    sampled = common.read_jsonl(f"{root}/untaught/sampled.jsonl")
+    assert sorted(s["qid"] for s in sampled) == sorted(r["qid"] for r in ranked[1:])
     # require_tool: only the tool-using trajectory survives; out_dir relative to the working directory this time
     monkeypatch.chdir(root)
     run_stage("rsft", args + ["--out_dir=tool", "--require_tool=True", "--shuffle_window=False"])

@@ -6,7 +6,8 @@ One table per GRPO reward. Each policy's test R@1 greedy (rollout.py at temperat
 and sampled at GRPO's temperature (SFT: pass_k samples per query, sampled R@1 is their mean hit rate and pass@k the
 share of queries with a hit in any; the other policies: one sample), with the trajectories' format validity, tool-call rate and mean reward
 (the table's reward). GRPO rows add the share of zero-variance groups over training and the greedy top-1 on
-the held-out training prompts at its first and last evaluation (grpo.py --eval_prompts). Every number after
+the held-out training prompts at its first, last and best evaluation (grpo.py --eval_prompts): a GRPO row is
+the policy of its best evaluation (grpo.py --keep_best), the start policy when no step beat it. Every number after
 the base model is the mean over the seeds, the seeds' own values in brackets. results.html draws GRPO's curves.
 """
 
@@ -87,6 +88,8 @@ def policy_row(arm, sd, reward, pos):
         row["zero_var_groups"] = 100 * sum(s["zero_std_groups"] for s in log) / max(1, len(log))
         row["heldout_top1_start"], row["heldout_top1_end"] = 100 * evals[0]["top1"], 100 * evals[-1]["top1"]
         row["heldout_top1_min"] = 100 * min(e["top1"] for e in evals)
+        best = common.read_json(f"{run_dir(arm, sd, reward)}/best/best.json")  # the evaluation whose weights the row is
+        row["heldout_top1_best"], row["best_step"] = 100 * best["top1"], best["step"]
     return row
 
 
@@ -104,23 +107,26 @@ def cell(v, p=1):
     return f"{mean:.{p}f} ({', '.join(f'{x:.{p}f}' for x in per_seed)})"
 
 
-def reward_table(reward, seeds, pos):
-    """The rows of one reward's table: {arm: {key: (mean, per seed)}} (stage 0 and the base: one value)."""
+def reward_table(reward, seeds, pos, grpo_arms):
+    """The rows of one reward's table: {arm: {key: (mean, per seed)}} (stage 0 and the base: one value; a GRPO
+    arm not run with this reward: empty)."""
     table = {}
     for _, arm in ROWS:
         per_seed = seeds if arm not in ("stage0", "base") else seeds[:1]
-        table[arm] = mean_row([policy_row(arm, sd, reward, pos) for sd in per_seed])
+        table[arm] = {} if arm in GRPO_ARMS and arm not in grpo_arms else mean_row([policy_row(arm, sd, reward, pos) for sd in per_seed])
     return table
 
 
 def markdown_table(table, pass_k, temperature):
     g = lambda row, k, p=1: cell(row.get(k), p)  # noqa: E731
     lines = [f"| stage | R@1 greedy | R@1 sampled (T {temperature}) | pass@{pass_k} | MRR | mean reward | format valid % | "
-             "tool calls % | zero-var groups % | held-out greedy top-1, first → last eval |",
+             "tool calls % | zero-var groups % | held-out greedy top-1: first → last eval; best (its step) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for label, arm in ROWS:
         r = table[arm]
-        watch = "-" if "heldout_top1_start" not in r else f"{g(r, 'heldout_top1_start')} → {g(r, 'heldout_top1_end')}"
+        watch = "-" if "heldout_top1_start" not in r else (
+            f"{g(r, 'heldout_top1_start')} → {g(r, 'heldout_top1_end')}; {g(r, 'heldout_top1_best')} "
+            f"(step {', '.join(str(x) for x in r['best_step'][1])})")
         lines.append(f"| {label} | {g(r, 'R@1')} | {g(r, 'sampled_R@1')} | {g(r, 'pass@k')} | {g(r, 'MRR')} | "
                      f"{g(r, 'mean_reward', 3)} | {g(r, 'format_valid')} | {g(r, 'tool_call_rate')} | "
                      f"{g(r, 'zero_var_groups')} | {watch} |")
@@ -129,11 +135,11 @@ def markdown_table(table, pass_k, temperature):
 
 def margins(table):
     """The orderings the toy is built to show, as differences of the seeds' mean greedy R@1."""
-    r1 = {arm: table[arm]["R@1"][0] for _, arm in ROWS}
-    sft = table["sft"]
-    return {"RSFT - SFT": r1["rsft"] - r1["sft"], "SFT+RSFT+GRPO - SFT+RSFT": r1["grpo"] - r1["rsft"],
-            "SFT+GRPO - SFT": r1["sft_grpo"] - r1["sft"], "GRPO with tools - GRPO without": r1["grpo"] - r1["grpo_notool"],
-            "SFT pass@k - SFT sampled R@1": sft["pass@k"][0] - sft["sampled_R@1"][0]}
+    r1 = {arm: row["R@1"][0] for arm, row in table.items() if row}
+    pairs = {"RSFT - SFT": ("rsft", "sft"), "SFT+RSFT+GRPO - SFT+RSFT": ("grpo", "rsft"), "SFT+GRPO - SFT": ("sft_grpo", "sft"),
+             "GRPO with tools - GRPO without": ("grpo", "grpo_notool")}
+    found = {name: r1[a] - r1[b] for name, (a, b) in pairs.items() if a in r1 and b in r1}
+    return {**found, "SFT pass@k - SFT sampled R@1": table["sft"]["pass@k"][0] - table["sft"]["sampled_R@1"][0]}
 
 
 def svg_chart(title, series):
@@ -160,25 +166,28 @@ def write_html(md, curves, evals, seeds):
     reward, one colour per arm, the second seed dashed; then the results as text."""
     body = []
     for reward in curves:
-        legend = " ".join(f'<span style="color:{COLOURS[a]}">&#9632; {a}</span>' for a in GRPO_ARMS)
+        arms = list(curves[reward])  # the GRPO arms run with this reward
+        legend = " ".join(f'<span style="color:{COLOURS[a]}">&#9632; {a}</span>' for a in arms)
         charts = []
         for key in CURVES:
             charts.append(svg_chart(key, {f"{a} {sd}": (COLOURS[a], i > 0, [(s["step"], s[key]) for s in curves[reward][a][sd]])
-                                          for a in GRPO_ARMS for i, sd in enumerate(seeds)}))
+                                          for a in arms for i, sd in enumerate(seeds)}))
         charts.append(svg_chart("held-out greedy top1", {f"{a} {sd}": (COLOURS[a], i > 0, [(e["step"], e["top1"]) for e in evals[reward][a][sd]])
-                                                         for a in GRPO_ARMS for i, sd in enumerate(seeds)}))
+                                                         for a in arms for i, sd in enumerate(seeds)}))
         body.append(f"<h2>GRPO, reward {reward}</h2><p>{legend} (seed {seeds[0]} solid, others dashed)</p><div>{''.join(charts)}</div>")
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>toy results</title></head><body>"
             f"{''.join(body)}<pre>{html.escape(md)}</pre></body></html>")
     common.atomic_write(f"{out}/results.html", lambda f: f.write(page))
 
 
-def write(seeds, rewards, pass_k, temperature, quick, record, machine, probe):
-    """results.md, .json and .html from the finished stages' files. record: run.py's stage times."""
+def write(seeds, rewards, compare_arms, pass_k, temperature, quick, record, machine, probe):
+    """results.md, .json and .html from the finished stages' files. rewards[0] ran every GRPO arm, the others
+    compare_arms. record: run.py's stage times."""
     pos = positives()
-    tables = {reward: reward_table(reward, seeds, pos) for reward in rewards}
-    curves = {r: {a: {sd: common.read_jsonl(f"{run_dir(a, sd, r)}/log.jsonl") for sd in seeds} for a in GRPO_ARMS} for r in rewards}
-    evals = {r: {a: {sd: common.read_jsonl(f"{run_dir(a, sd, r)}/eval.jsonl") for sd in seeds} for a in GRPO_ARMS} for r in rewards}
+    grpo_arms = {r: [a for a in GRPO_ARMS if r == rewards[0] or a in compare_arms] for r in rewards}
+    tables = {reward: reward_table(reward, seeds, pos, grpo_arms[reward]) for reward in rewards}
+    curves = {r: {a: {sd: common.read_jsonl(f"{run_dir(a, sd, r)}/log.jsonl") for sd in seeds} for a in grpo_arms[r]} for r in rewards}
+    evals = {r: {a: {sd: common.read_jsonl(f"{run_dir(a, sd, r)}/eval.jsonl") for sd in seeds} for a in grpo_arms[r]} for r in rewards}
     times, threads, total = record["seconds"], record["threads"], record["wall"]
     n_test = sum(len(common.read_jsonl(f"{data}/{name}")) for name in TEST_QUERIES)
     md = (f"# Toy results ({'quick mode: plumbing only' if quick else 'full run'})\n\n"
@@ -187,7 +196,8 @@ def write(seeds, rewards, pass_k, temperature, quick, record, machine, probe):
           f"whole run (this machine): {total / 60:.1f} min; its fp32 matmul speed: {machine['matmul_gflops']:.0f} GFLOP/s "
           f"on {machine['threads']} threads.\n")
     for reward, table in tables.items():
-        md += f"\n## GRPO reward: {reward}\n\n" + markdown_table(table, pass_k, temperature) + "\n\nMargins (mean greedy R@1): " \
+        md += f"\n## GRPO reward: {reward}\n\nGRPO arms run with this reward: {', '.join(grpo_arms[reward])} (the others: -).\n\n" \
+            + markdown_table(table, pass_k, temperature) + "\n\nMargins (mean greedy R@1): " \
             + ", ".join(f"{k} {v:+.1f}" for k, v in margins(table).items()) + "\n"
     md += (f"\nBase model's verdicts, teacher-forced on the first {probe['drills']} compare drills: \"yes\" right in "
            f"{probe['yes_right']} of {probe['yes_places']}, \"no\" in {probe['no_right']} of {probe['no_places']}.\n\n"

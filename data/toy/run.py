@@ -8,9 +8,11 @@ The whole toy pipeline in one command, on 2 CPU cores, from a fresh clone (after
 prepare -> embed (stage 0) -> retrieve, and from the base model (data/toy/base_model, the toy's stand-in for
 a pretrained VLM, docs/spec.md §9; --base=build trains it here: vision pretraining + verdict drills +
 warm-up) -> cold-start SFT -> RSFT -> GRPO, plus SFT -> GRPO (the paper's SFT + RL) and the no-tools
-ablation (SFT on the same windows without tools, then GRPO without tools). Every stage after the base runs
-once per seed, every GRPO arm once per reward. Each policy reranks the test split (rollout.py over the
-stage-0 top 5) greedily, scored by evaluate.py, and sampled at GRPO's temperature (SFT pass_k times).
+ablation (SFT on the same windows without tools, then GRPO without tools). RSFT and GRPO work on the
+training queries the cold-start teacher left without a trajectory. Every stage after the base runs once
+per seed; every GRPO arm runs with the first reward, compare_arms with the others too. Each policy
+reranks the test split (rollout.py over the stage-0 top 5) greedily, scored by evaluate.py, and sampled at
+GRPO's temperature (SFT pass_k times).
 Every stage is the command a user would type (printed as it starts), run as its own process as soon as
 the stages it needs are done, one thread each when two are ready. A stage whose output exists is
 skipped, so a rerun resumes after the last finished stage (the stages resume inside, too); results
@@ -38,7 +40,8 @@ quick = False              # tiny step counts and splits: checks the plumbing, n
 seed = 1337
 cores = 0                  # CPU cores the stages share (0 = all this process may use)
 seeds = 2                  # training seeds (seed, seed + 1, ...): every stage after the base model runs once per seed
-rewards = "paper,release"  # GRPO's rewards (docs/spec.md §4): every GRPO arm runs once per reward, one table each
+rewards = "paper,release"  # GRPO's rewards (docs/spec.md §4), one table each: the first runs every GRPO arm, ...
+compare_arms = "grpo"      # ... the others these (grpo = SFT + RSFT + GRPO, sft_grpo, grpo_notool): the time budget
 pass_k = 8                 # SFT's test samples per query at GRPO's temperature: sampled R@1 (their mean) and pass@k
 base = "data/toy/base_model"  # the base model every reranker starts from: the shipped checkpoint, or "build" to
                            # train it here (vision pretraining, verdict drills, warm-up: ~12 min on 2 cores)
@@ -62,16 +65,18 @@ def settings(quick):
         "embed": [f"--embed_train_steps={pick(300, 4)}", f"--embed_batch_size={pick(64, 16)}"],
         "cold_start": [f"--n_warmup={pick(6000, 48)}", f"--n_windows={pick(3000, 8)}", f"--n_restate={pick(3000, 8)}",
                        f"--n_compare={pick(3000, 8)}",
-                       "--blind_marks=checks:1.0,diagonal:0.97"],  # an imperfect teacher (README)
+                       "--blind_marks=checks:0.99,diagonal:0.97"],  # an imperfect teacher (README)
         "vision": [f"--vision_steps={pick(2000, 4)}"],
         "drills": [f"--epochs={pick(8, 1)}", "--batch_size=32", "--learning_rate=1e-3", "--stop_loss=0.006"],
         "warmup": [f"--epochs={pick(2, 1)}", "--batch_size=32", "--learning_rate=1e-3"],
         "sft": [f"--epochs={pick(1.0, 0.2)}", "--batch_size=8", "--learning_rate=1e-3", "--log_every=50"],
-        "rsft": [f"--n_queries={pick(32, 4)}", "--n_samples=4", "--batch_queries=8", "--epochs=1", "--batch_size=8",
+        # RSFT and GRPO on the training queries the teacher left without a trajectory (its failures)
+        "rsft": ["--exclude_queries_in=sft/cold_start.jsonl", f"--n_queries={pick(32, 4)}", "--n_samples=4", "--batch_queries=8", "--epochs=1", "--batch_size=8",
                  "--learning_rate=1e-4", f"--temperature={temperature}", f"--max_new_tokens={pick(256, 48)}", "--require_tool=True"],
         "grpo": [f"--max_steps={pick(15, 2)}", f"--prompts_per_step={pick(8, 2)}", f"--group_size={pick(8, 2)}",
                  "--learning_rate=1e-4", "--warmup_steps=2", f"--temperature={temperature}", f"--max_new_tokens={pick(256, 48)}",
-                 "--micro_batch_size=8", f"--eval_prompts={pick(32, 2)}", f"--eval_every={pick(5, 1)}"],
+                 "--micro_batch_size=8", f"--eval_prompts={pick(32, 2)}", f"--eval_every={pick(5, 1)}",
+                 "--exclude_queries_in=sft/cold_start.jsonl"],
         "rerank": ["--batch_queries=100", "--max_response_tokens=2048", f"--max_new_tokens={pick(256, 48)}"],
     }
 
@@ -151,12 +156,14 @@ def stages(quick):
                      for arm in ("sft", "rsft", "sft_notool")]
         for rw in rewards.split(","):
             for arm, start, tools_on in (("grpo", "rsft", True), ("sft_grpo", "sft", True), ("grpo_notool", "sft_notool", False)):
+                if rw != rewards.split(",")[0] and arm not in compare_arms.split(","):
+                    continue
                 tag, run_dir = f"{arm}_{rw}_{sd}", report.run_dir(arm, sd, rw)
                 train.append((tag, py + ["grpo.py"] + common_args + at + [
                     f"--policy={o_s}/{start}/model", f"--out_dir={run_dir}", f"--ranked_train={o}/ranked_train.jsonl",
                     f"--reward={rw}", f"--use_tools={tools_on}"] + s["grpo"], f"{run_dir}/model/trainer_state.json",
                     [f"{start}_{sd}", "retrieve_train"]))
-                policies.append((tag, f"{run_dir}/model", tools_on, (arm, sd, rw)))
+                policies.append((tag, f"{run_dir}/best", tools_on, (arm, sd, rw)))  # its best held-out evaluation
     # each policy reranks the test split greedily and samples it pass_k times at GRPO's temperature once it is
     # trained; the evaluations come after every training stage, so that a free core goes to training first
     evals = []
@@ -325,7 +332,8 @@ def main():
     if ship_base:
         save_base(base_dir, record)
     probe = verdict_probe(base_dir)  # the base's own drills (a policy's are its trajectories)
-    return report.write(seed_list(), rewards.split(","), pass_k, settings(quick)["temperature"], quick, record, machine, probe)
+    return report.write(seed_list(), rewards.split(","), compare_arms.split(","), pass_k, settings(quick)["temperature"], quick,
+                        record, machine, probe)
 
 
 if __name__ == "__main__":
