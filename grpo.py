@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import checkpoint
 import common
 import task
 from configurator import configure
@@ -207,12 +208,12 @@ def load_policy(start_from, device, compute_dtype, world_size):
     reference = None
     if beta > 0:  # the initial policy, frozen
         reference = common.load_model(policy, dtype=compute_dtype, device=device).eval().requires_grad_(False)
-        reference = common.shard(reference, world_size, compute_dtype)
+        reference = checkpoint.shard(reference, world_size, compute_dtype)
     if freeze_vision:
         model.model.visual.requires_grad_(False)
     if grad_checkpointing:
         model.gradient_checkpointing_enable()
-    model = common.shard(model, world_size, compute_dtype)
+    model = checkpoint.shard(model, world_size, compute_dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
     return model, processor, optimizer, params, reference
@@ -289,10 +290,10 @@ def main():
     task.check_ranked(ranked, *benchmark[:2], window, ranked_train)
     ranked = task.drop_queries(ranked, exclude_queries_in, data_root, ranked_train)
     model_path = os.path.join(out_dir, "model")
-    resuming = resume and common.read_trainer_state(model_path) is not None
+    resuming = resume and checkpoint.read_trainer_state(model_path) is not None
     start_from, compute_dtype = model_path if resuming else policy, common.torch_dtype(dtype)
     model, processor, optimizer, params, reference = load_policy(start_from, device, compute_dtype, world_size)
-    start = common.load_trainer_state(model, optimizer, model_path)["step"] if resuming else 0
+    start = checkpoint.load_trainer_state(model, optimizer, model_path)["step"] if resuming else 0
     if resuming:
         print0(f"resuming from step {start}")
     log_path = os.path.join(out_dir, "log.jsonl")
@@ -341,7 +342,7 @@ def main():
             common.append_jsonl(eval_path, [line])
         if keep_best and (best is None or (line["top1"], line["reward"]) > best):  # same values on every rank
             best = (line["top1"], line["reward"])
-            common.save_weights(model, processor, best_path, compute_dtype, {"best.json": line})
+            checkpoint.save_weights(model, processor, best_path, compute_dtype, {"best.json": line})
             print0(f"best so far: saved to {best_path}")
     print0(f"GRPO on {len(order)} training prompts ({len(held_out)} held out): {max_steps} steps of {prompts_per_step} prompts x {group_size}, "
            f"reward {reward}, tools {'on' if use_tools else 'off'}, from {start_from}")
@@ -377,10 +378,10 @@ def main():
                    f"tools {log['tool_rate']:.2f} | len {log['response_len']:.0f} | zero-std {log['zero_std_groups']:.2f} | "
                    f"kl {log['kl']:.4f} | clip {log['clip_frac']:.3f} | {time.time() - t0:.0f}s")
         if save_every and (step + 1) % save_every == 0 and step + 1 < max_steps:
-            common.save_checkpoint(model, processor, optimizer, step + 1, model_path, world_size, compute_dtype)
+            checkpoint.save_checkpoint(model, processor, optimizer, step + 1, model_path, world_size, compute_dtype)
     if held_out:
         watch(max_steps)
-    common.save_checkpoint(model, processor, optimizer, max_steps, model_path, world_size, compute_dtype)
+    checkpoint.save_checkpoint(model, processor, optimizer, max_steps, model_path, world_size, compute_dtype)
     print0(f"saved {model_path}")
     common.dist_cleanup()
 

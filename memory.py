@@ -124,7 +124,7 @@ def meta_model(config):
 
 
 def count_parts(model):
-    """Parameters per FSDP unit as common.shard cuts them: the vision tower (with its merger), each decoder
+    """Parameters per FSDP unit as checkpoint.shard cuts them: the vision tower (with its merger), each decoder
     layer, the root (the rest: embeddings, final norm, lm_head; a tied lm_head counts once)."""
     inner = model.model
     total = common.count_params(model)

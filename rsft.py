@@ -23,6 +23,7 @@ import os
 import torch
 import torch.distributed as dist
 
+import checkpoint
 import common
 import sft
 import task
@@ -226,12 +227,12 @@ def main():
             model.save_pretrained(tmp)
             processor.save_pretrained(tmp)
             common.write_json(os.path.join(tmp, "trainer_state.json"), {"step": 0, "accepted": len(examples)})
-            common.swap_into_place(tmp, model_path)
+            checkpoint.swap_into_place(tmp, model_path)
         common.dist_cleanup()
         return
     # training keeps fp32 master weights (sampling ran on the dtype copy); a resume starts from its checkpoint
     del engine, model
-    start_from = model_path if resume and common.read_trainer_state(model_path) else policy
+    start_from = model_path if resume and checkpoint.read_trainer_state(model_path) else policy
     model = common.load_model(start_from, dtype=torch.float32, device=device)
     model.train()
     sft.train(model, processor, examples, model_path, {k: globals()[k] for k in sft.TRAIN_KEYS}, rank, world_size, device)

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+import checkpoint
 import common
 from configurator import configure
 
@@ -210,8 +211,8 @@ def train(model, processor, examples, out_path, cfg, rank, world_size, device):
             p.requires_grad_(False)
     if cfg["grad_checkpointing"]:
         model.gradient_checkpointing_enable()
-    compute_dtype = common.torch_dtype(cfg["dtype"])  # the masters stay fp32: common.shard
-    model = common.shard(model, world_size, compute_dtype)
+    compute_dtype = common.torch_dtype(cfg["dtype"])  # the masters stay fp32: checkpoint.shard
+    model = checkpoint.shard(model, world_size, compute_dtype)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     vision = {id(p) for p in model.model.visual.parameters()}
@@ -228,8 +229,8 @@ def train(model, processor, examples, out_path, cfg, rank, world_size, device):
     total_steps = max(1, int(cfg["epochs"] * steps_per_epoch))
     warmup = max(1, int(cfg["warmup_frac"] * total_steps))
     start, stopped_at, recent = 0, None, []  # recent: the losses before a resume, for stop_loss's window
-    if cfg["resume"] and common.read_trainer_state(out_path):
-        state = common.load_trainer_state(model, optimizer, out_path)
+    if cfg["resume"] and checkpoint.read_trainer_state(out_path):
+        state = checkpoint.load_trainer_state(model, optimizer, out_path)
         start, stopped_at, recent = state["step"], state.get("stopped_at"), state.get("recent_losses", [])
         print0(f"resuming from step {start} of {total_steps}")
     image_token_id = model.config.image_token_id
@@ -276,10 +277,10 @@ def train(model, processor, examples, out_path, cfg, rank, world_size, device):
             stopped_at = step + 1
             break
         if cfg["save_every"] and (step + 1) % cfg["save_every"] == 0 and step + 1 < total_steps:
-            common.save_checkpoint(model, processor, optimizer, step + 1, out_path, world_size, compute_dtype,
+            checkpoint.save_checkpoint(model, processor, optimizer, step + 1, out_path, world_size, compute_dtype,
                                    {"recent_losses": (recent + losses)[-25:]})
     # an early stop is saved as the whole run done (a rerun resumes to nothing), with where it stopped beside it
-    common.save_checkpoint(model, processor, optimizer, total_steps, out_path, world_size, compute_dtype,
+    checkpoint.save_checkpoint(model, processor, optimizer, total_steps, out_path, world_size, compute_dtype,
                            {"stopped_at": stopped_at, "recent_losses": (recent + losses)[-25:]})
     print0(f"saved {out_path}")
     return losses
@@ -290,8 +291,8 @@ def main():
     common.seed_everything(seed)
     common.torch_dtype(dtype)  # a bad dtype is an error before anything loads
     model_path = os.path.join(out_dir, "model")
-    resuming = resume and common.read_trainer_state(model_path) is not None
-    # training keeps fp32 master weights whatever dtype computes (common.shard); checkpoints are saved in dtype
+    resuming = resume and checkpoint.read_trainer_state(model_path) is not None
+    # training keeps fp32 master weights whatever dtype computes (checkpoint.shard); checkpoints are saved in dtype
     model, processor = build_model(model_path if resuming else init_from, device, torch.float32)
     if vision_from and not resuming:  # on resume the checkpoint already holds the tower
         take_vision_tower(model, vision_from, device, torch.float32)

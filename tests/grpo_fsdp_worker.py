@@ -6,6 +6,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import checkpoint  # noqa: E402
 import common  # noqa: E402
 import grpo  # noqa: E402
 from engine import Engine  # noqa: E402
@@ -39,7 +40,7 @@ assert set(hp) == set(grpo.UPDATE_KEYS)
 mine = list(range(rank * 8 // world, (rank + 1) * 8 // world))  # this rank's share; micro-batches of 2
 batches = [common.collate([examples[i] for i in mine[j:j + 2]], processor,
                        model.config.image_token_id, tokenizer.pad_token_id) for j in range(0, len(mine), 2)]
-model = common.shard(model.train(), world)
+model = checkpoint.shard(model.train(), world)
 params = [p for p in model.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW(params, lr=1e-3)
 sums, norm = grpo.policy_update(model, optimizer, params, batches, advantages[mine], 8, hp, world, device, reference)

@@ -8,7 +8,7 @@ import re
 
 from conftest import REPO
 
-LIBRARY = {"configurator": set(), "common": set(), "tools": {"common"}, "task": {"common", "tools"},
+LIBRARY = {"configurator": set(), "common": set(), "checkpoint": {"common"}, "tools": {"common"}, "task": {"common", "tools"},
            "engine": {"common", "tools", "task"}}  # module -> the library modules it may import
 STAGES = ["embed", "retrieve", "rollout", "sft", "rsft", "grpo", "evaluate", "viewer"]
 # the two places that use another stage's code on purpose, each for the stage's own work, not a helper:

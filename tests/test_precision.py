@@ -4,6 +4,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import checkpoint
 import common
 from sft import token_loss_sum
 
@@ -44,7 +45,7 @@ def test_bf16_mixed_precision_moves_every_weight_at_lr_1e6_and_tracks_fp32(token
         if name == "pure_bf16":
             model = model.to(torch.bfloat16)
         if name == "mixed":
-            model = common.shard(model, 1, torch.bfloat16)  # a 1-rank group: fp32 params, bf16 compute
+            model = checkpoint.shard(model, 1, torch.bfloat16)  # a 1-rank group: fp32 params, bf16 compute
         before = trained_weights(model)
         train_steps(model, batch, 10, 1e-6)
         after = trained_weights(model)

@@ -7,6 +7,7 @@ import pickle
 import pytest
 import torch
 
+import checkpoint
 import common
 from conftest import TOY_CONFIG, run_stage
 from test_sft import TINY, sft_data  # noqa: F401  (the fixture)
@@ -57,7 +58,7 @@ def test_a_kill_during_a_save_loses_nothing(toy_data, sft_data, tmp_path, monkey
         run_stage("sft", args_for(toy_data, sft_data, out))
     monkeypatch.undo()
     expected = 2 if kill_at == "shard" else 4  # the step the rerun resumes from
-    assert common.read_trainer_state(str(out / "model"))["step"] == expected
+    assert checkpoint.read_trainer_state(str(out / "model"))["step"] == expected
     assert not os.path.exists(f"{out}/model.tmp") and not os.path.exists(f"{out}/model.old")
     run_stage("sft", args_for(toy_data, sft_data, out))
     assert same(weights(tmp_path / "straight/model"), weights(out / "model"))
@@ -98,7 +99,7 @@ def test_stop_loss_window_survives_a_resume(toy_data, sft_data, tmp_path, monkey
     run_stage("sft", args_for(toy_data, sft_data, tmp_path / "straight", *extra))
     straight = common.read_json(tmp_path / "straight/model/trainer_state.json")["stopped_at"]
     assert straight > 30
-    real_save = common.save_checkpoint
+    real_save = checkpoint.save_checkpoint
 
     def save_then_die(model, processor, optimizer, step, *args, **kwargs):
         real_save(model, processor, optimizer, step, *args, **kwargs)
