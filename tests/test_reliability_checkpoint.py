@@ -105,7 +105,7 @@ def test_stop_loss_window_survives_a_resume(toy_data, sft_data, tmp_path, monkey
         real_save(model, processor, optimizer, step, *args, **kwargs)
         if step == 30:
             raise Killed
-    monkeypatch.setattr(common, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
         run_stage("sft", args_for(toy_data, sft_data, tmp_path / "resumed", *extra))
     monkeypatch.undo()
