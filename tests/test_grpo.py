@@ -315,18 +315,27 @@ def held_out_rewards(model_dir, held, module, benchmark, toy_data):
 
 
 def test_queries_of_the_sft_data_are_never_prompts(toy_data, grpo_setup, tmp_path):
-    """exclude_queries_in: the qids of those records leave the prompt stream (and the held-out prompts): with 4
-    of 6 excluded, the one held-out prompt is the remaining record the permutation puts last, which the step-0
-    evaluation reranks; excluding every query is an error naming the file."""
+    """exclude_queries_in: the qids of those records leave the prompt stream but not the held-out prompts, which
+    are drawn from every query (the watch sees what SFT taught as well): with 4 of 6 excluded, the one held-out
+    prompt is the record the permutation of all 6 puts last, which the step-0 evaluation reranks, and the step's
+    prompts are the records left; excluding every query is an error naming the file."""
     ranked = common.read_jsonl(str(grpo_setup / "ranked.jsonl"))
     common.write_jsonl(tmp_path / "taught.jsonl", [{"qid": r["qid"], "conversations": []} for r in ranked[:4]])
     argv = script_args(toy_data, grpo_setup, tmp_path / "out", 1) + [
         f"--exclude_queries_in={tmp_path}/taught.jsonl", "--eval_prompts=1", "--eval_every=1"]
-    run_grpo(argv)
+    prompted, window_prompt = [], task.window_prompt  # the query of every prompt the script builds, in order
+    task.window_prompt = lambda q, *args: prompted.append(q["qid"]) or window_prompt(q, *args)
+    try:
+        run_grpo(argv)
+    finally:
+        task.window_prompt = window_prompt
     module = importlib.reload(grpo)
     configure(vars(module), argv, verbose=False)
-    left = ranked[4:]
-    held = [left[np.random.default_rng(module.seed).permutation(len(left))[-1]]]
+    order = np.random.default_rng(module.seed).permutation(len(ranked))
+    held = [ranked[order[-1]]]
+    left = [ranked[i]["qid"] for i in order[:-1] if i >= 4]  # the stream: the permutation's order, without the excluded
+    # the step-0 evaluation, step 0's two prompts, the final evaluation
+    assert prompted == [held[0]["qid"], left[0], left[1 % len(left)], held[0]["qid"]]
     benchmark = task.load_benchmark(toy_data, module.train_query_files, module.train_pool_files, module.instructions_file)
     (step0, _) = common.read_jsonl(str(tmp_path / "out/eval.jsonl"))
     assert step0["reward"] == pytest.approx(held_out_rewards(str(grpo_setup / "policy"), held, module, benchmark, toy_data)[0])

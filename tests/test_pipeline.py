@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from xml.etree import ElementTree
 
 import pytest
 
@@ -52,6 +53,9 @@ def test_quick_toy_pipeline_runs_end_to_end_and_resumes(tmp_path):
                 assert best["top1"] == max(e["top1"] for e in evals[reward][arm][str(sd)])
     page = open(tmp_path / "out/results.html").read()
     assert page.count("<svg") == 10 and page.count("<polyline") == (3 + 1) * 2 * 5 and "| SFT + RSFT |" in page
+    picture = open(tmp_path / "out/results_curves.svg").read()  # the same charts, one picture for a README
+    assert picture.count("<svg") == 1 + 10 and picture.count("<polyline") == (3 + 1) * 2 * 5
+    ElementTree.fromstring(picture)  # well-formed XML, as an image viewer needs
     md = open(tmp_path / "out/results.md").read()
     assert "| SFT + RSFT |" in md and "| SFT + GRPO |" in md and "quick mode" in md and "## GRPO reward: release" in md
     assert results["machine"]["matmul_gflops"] > 0 and "GFLOP/s" in md  # the speed the wall times were measured at

@@ -161,23 +161,36 @@ def svg_chart(title, series):
     return f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}">{axes}{"".join(lines)}</svg>'
 
 
+def reward_charts(curves, evals, seeds):
+    """The charts of one reward's GRPO arms: each CURVES value per step, then the held-out greedy top-1; one
+    colour per arm, the first seed solid, the others dashed."""
+    arms = list(curves)
+    charts = [svg_chart(key, {f"{a} {sd}": (COLOURS[a], i > 0, [(s["step"], s[key]) for s in curves[a][sd]])
+                              for a in arms for i, sd in enumerate(seeds)}) for key in CURVES]
+    return charts + [svg_chart("held-out greedy top1", {f"{a} {sd}": (COLOURS[a], i > 0, [(e["step"], e["top1"]) for e in evals[a][sd]])
+                                                        for a in arms for i, sd in enumerate(seeds)})]
+
+
 def write_html(md, curves, evals, seeds):
     """results.html: GRPO's training curves (grpo.py's log.jsonl) and held-out greedy top-1 (eval.jsonl) per
-    reward, one colour per arm, the second seed dashed; then the results as text."""
-    body = []
-    for reward in curves:
-        arms = list(curves[reward])  # the GRPO arms run with this reward
-        legend = " ".join(f'<span style="color:{COLOURS[a]}">&#9632; {a}</span>' for a in arms)
-        charts = []
-        for key in CURVES:
-            charts.append(svg_chart(key, {f"{a} {sd}": (COLOURS[a], i > 0, [(s["step"], s[key]) for s in curves[reward][a][sd]])
-                                          for a in arms for i, sd in enumerate(seeds)}))
-        charts.append(svg_chart("held-out greedy top1", {f"{a} {sd}": (COLOURS[a], i > 0, [(e["step"], e["top1"]) for e in evals[reward][a][sd]])
-                                                         for a in arms for i, sd in enumerate(seeds)}))
+    reward, then the results as text; results_curves.svg: the same charts as one picture (a row per reward)."""
+    body, rows = [], []
+    w, h, top = 300, 150, 22  # svg_chart's size, and a legend line above each row
+    for i, reward in enumerate(curves):
+        charts = reward_charts(curves[reward], evals[reward], seeds)
+        legend = " ".join(f'<span style="color:{COLOURS[a]}">&#9632; {a}</span>' for a in curves[reward])
         body.append(f"<h2>GRPO, reward {reward}</h2><p>{legend} (seed {seeds[0]} solid, others dashed)</p><div>{''.join(charts)}</div>")
+        y0 = i * (h + top)
+        legend = " ".join(f'<tspan fill="{COLOURS[a]}">&#9632; {a}</tspan>' for a in curves[reward])
+        rows.append(f'<text x="4" y="{y0 + 15}" font-size="12">GRPO, reward {reward}: {legend} (seed {seeds[0]} solid, '
+                    f'others dashed)</text>' + "".join(c.replace("<svg ", f'<svg x="{j * w}" y="{y0 + top}" ', 1)
+                                                       for j, c in enumerate(charts)))
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>toy results</title></head><body>"
             f"{''.join(body)}<pre>{html.escape(md)}</pre></body></html>")
     common.atomic_write(f"{out}/results.html", lambda f: f.write(page))
+    picture = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{w * (len(CURVES) + 1)}" height="{len(curves) * (h + top)}">'
+               f'<rect width="100%" height="100%" fill="white"/>{"".join(rows)}</svg>')
+    common.atomic_write(f"{out}/results_curves.svg", lambda f: f.write(picture))
 
 
 def write(seeds, rewards, compare_arms, pass_k, temperature, quick, record, machine, probe):

@@ -73,9 +73,11 @@ def settings(quick):
         # RSFT and GRPO on the training queries the teacher left without a trajectory (its failures)
         "rsft": ["--exclude_queries_in=sft/cold_start.jsonl", f"--n_queries={pick(32, 4)}", "--n_samples=4", "--batch_queries=8", "--epochs=1", "--batch_size=8",
                  "--learning_rate=1e-4", f"--temperature={temperature}", f"--max_new_tokens={pick(256, 48)}", "--require_tool=True"],
-        "grpo": [f"--max_steps={pick(15, 2)}", f"--prompts_per_step={pick(8, 2)}", f"--group_size={pick(8, 2)}",
+        # 16 samples of 4 prompts a step: more groups that hold a rare right verdict (lab notes); 64 held-out
+        # training queries of every kind watched every 5 steps, the best one the GRPO row
+        "grpo": [f"--max_steps={pick(15, 2)}", f"--prompts_per_step={pick(4, 2)}", f"--group_size={pick(16, 2)}",
                  "--learning_rate=1e-4", "--warmup_steps=2", f"--temperature={temperature}", f"--max_new_tokens={pick(256, 48)}",
-                 "--micro_batch_size=8", f"--eval_prompts={pick(32, 2)}", f"--eval_every={pick(5, 1)}",
+                 "--micro_batch_size=8", f"--eval_prompts={pick(64, 2)}", f"--eval_every={pick(5, 1)}",
                  "--exclude_queries_in=sft/cold_start.jsonl"],
         "rerank": ["--batch_queries=100", "--max_response_tokens=2048", f"--max_new_tokens={pick(256, 48)}"],
     }
