@@ -1,7 +1,8 @@
 """
 Rejection-sampling SFT: sample N trajectories per training query from the SFT policy (engine.py's
 engine, temperature > 0, one shared prefill per group), keep the well-formed ones that rank the positive
-first (task.accepted; optionally: that also made a valid tool call), write them as ShareGPT records with
+first with an answer the prompt asked for, one candidate or the whole window each once (task.accepted;
+optionally: that also made a valid tool call), write them as ShareGPT records with
 their observation images as files, then fine-tune on them with sft.py's train(): one trainer, not two.
 The defaults are the 7B run on the release's RL prompts (data/vretrver/convert.py); config/toy.py is the toy.
 
@@ -46,6 +47,7 @@ window = 20                # candidates in the prompt: the top of the stage-0 li
 shuffle_window = True      # ... in a random order: stage 0's order on its own training queries is a shortcut
 require_tool = False       # also require at least one valid tool call
 keep_per_query = 1         # accepted trajectories kept per query (the first ones)
+require_ranking = True     # the answer must be one candidate or all of the window, each once (task.is_ranking)
 temperature = 1.0
 top_p = 1.0
 max_new_tokens = 4096      # one assistant turn
@@ -142,19 +144,20 @@ def sample_and_filter(engine, todo, position, benchmark, sampled_path, image_dir
     n_batches = math.ceil(math.ceil(len(todo) / world_size) / batch_queries)  # the same count on every rank
     counts = {"samples": 0, "accepted": 0, "well_formed": 0, "queries_with_one": 0, "unsafe_text": 0}
     for b in range(n_batches):
-        batch, prompts, positives = mine[b * batch_queries:(b + 1) * batch_queries], [], []
+        batch, prompts, positives, sizes = mine[b * batch_queries:(b + 1) * batch_queries], [], [], []
         for r in batch:
             dids = task.window_order(r["cands"][:window], (seed, position[r["qid"]])) if shuffle_window else r["cands"][:window]
             q, cands = queries[r["qid"]], [pool[d] for d in dids]
             prompts.append(task.window_prompt(q, cands, instructions, load, use_tools, prompt_min_pixels,
                                               prompt_max_pixels, engine.factor, max_calls, prompt_style))
             positives.append(task.positive_position(dids, q.get("pos_cand_list")))  # None: nothing can be accepted
+            sizes.append(len(dids))
             prompts[-1]["key"] = r["qid"]  # its samples are drawn from (seed, qid, sample): a resume redraws the same
         trajs = engine.generate(prompts, n_samples, temperature, top_p, max_new_tokens, max_response_tokens, seed=seed) if prompts else []
         lines = []  # one per query, accepted or not: the unit of progress
-        for p, (r, prompt, positive) in enumerate(zip(batch, prompts, positives)):
+        for p, (r, prompt, positive, size) in enumerate(zip(batch, prompts, positives, sizes)):
             group = [t for t in trajs if t["prompt_index"] == p]
-            passed = [t for t in group if task.accepted(t, positive, require_tool)]
+            passed = [t for t in group if task.accepted(t, positive, require_tool, size if require_ranking else None)]
             ok = [t for t in passed if safe_text(t, special)]
             lines.append({"qid": r["qid"], "records": [to_record(t, prompt, r["qid"], positive, image_dir)
                                                        for t in ok[:keep_per_query]]})

@@ -344,13 +344,22 @@ def group_rewards(final_texts, n_valid_calls, positive, variant="paper", tools_o
 # -----------------------------------------------------------------------------
 # rejection sampling (docs/spec.md §1)
 
-def accepted(traj, positive, require_tool=False):
-    """RSFT keeps a trajectory that stopped on its own, is well formed and ranks the positive first
-    (and, with require_tool, made a valid tool call)."""
+def is_ranking(answer, n_candidates):
+    """An answer the prompt asked for: one candidate number, or all n_candidates of them, each once. The merge
+    rule tolerates duplicates, out-of-range numbers and gaps; a sampled answer like [4, 1, 2, 4, 4, 5] that
+    happens to put the positive first is still not one to train on (docs/spec.md §1)."""
+    return (len(answer) in (1, n_candidates) and len(set(answer)) == len(answer)
+            and all(1 <= a <= n_candidates for a in answer))
+
+
+def accepted(traj, positive, require_tool=False, n_candidates=None):
+    """RSFT keeps a trajectory that stopped on its own, is well formed and ranks the positive first (and,
+    with n_candidates, answers with a ranking of the window, is_ranking; with require_tool, made a valid
+    tool call)."""
     if positive is None:
         return False
     final = traj["final_text"]
     ok = traj["stop_reason"] == "stop" and is_well_formed(final)
     answer = parse_answer(final[final.find("</think>"):]) if ok else None
-    ok = ok and bool(answer) and answer[0] == positive
+    ok = ok and bool(answer) and answer[0] == positive and (n_candidates is None or is_ranking(answer, n_candidates))
     return ok and (traj["n_valid_calls"] > 0 or not require_tool)

@@ -50,18 +50,21 @@ def test_rsft_keeps_only_well_formed_trajectories_that_rank_the_positive_first(r
     texts = [call + "<think>(2) yes</think>\n<answer>[2, 1, 3, 4, 5]</answer>",  # right, with a tool call
              "<think>no tool</think>\n<answer>[2, 5, 4, 3, 1]</answer>",         # right, no tool
              "<think>wrong</think>\n<answer>[1, 2, 3, 4, 5]</answer>",           # positive not first
-             "<answer>[2, 1, 3, 4, 5]</answer>"]                                 # not well formed
+             "<answer>[2, 1, 3, 4, 5]</answer>",                                 # not well formed
+             "<think>twice</think>\n<answer>[2, 2, 1, 4, 5]</answer>",            # positive first, not a ranking
+             "<think>one pick</think>\n<answer>2</answer>"]                       # right: one candidate
     monkeypatch.setattr(Engine, "generate", forcing_generate(texts))
     args = [TOY_CONFIG, f"--data_root={toy_data}", f"--policy={root}/policy", f"--ranked_train={root}/ranked.jsonl",
             "--train_query_files=query/train/mbeir_toyt2i_task0_train.jsonl",
             "--train_pool_files=cand_pool/train/mbeir_toyt2i_task0_train_cand_pool.jsonl",
-            "--n_samples=4", "--keep_per_query=4", "--max_new_tokens=80"] + TINY
+            "--n_samples=6", "--keep_per_query=6", "--max_new_tokens=80"] + TINY
     run_stage("rsft", args + [f"--out_dir={root}/any", "--shuffle_window=False"])
     records = common.read_jsonl(f"{root}/any/rsft_data.jsonl")
-    assert len(records) == 2 * len(ranked)  # the two right ones per query
+    assert len(records) == 3 * len(ranked)  # the three right ones per query
     finals = sorted({r["conversations"][-1]["value"] for r in records})
     assert finals == ["<think>(2) yes</think>\n<answer>[2, 1, 3, 4, 5]</answer>",
-                      "<think>no tool</think>\n<answer>[2, 5, 4, 3, 1]</answer>"]
+                      "<think>no tool</think>\n<answer>[2, 5, 4, 3, 1]</answer>",
+                      "<think>one pick</think>\n<answer>2</answer>"]
     with_tool = [r for r in records if len(r["conversations"]) == 5]
     assert len(with_tool) == len(ranked)
     r = with_tool[0]
@@ -73,6 +76,10 @@ def test_rsft_keeps_only_well_formed_trajectories_that_rank_the_positive_first(r
     run_stage("rsft", args + [f"--out_dir={root}/untaught", "--shuffle_window=False", f"--exclude_queries_in={root}/taught.jsonl"])
     sampled = common.read_jsonl(f"{root}/untaught/sampled.jsonl")
     assert sorted(s["qid"] for s in sampled) == sorted(r["qid"] for r in ranked[1:])
+    # require_ranking=False: the answer with a duplicate, which puts the positive first, is kept too
+    run_stage("rsft", args + [f"--out_dir={root}/lenient", "--shuffle_window=False", "--require_ranking=False"])
+    finals = [r["conversations"][-1]["value"] for r in common.read_jsonl(f"{root}/lenient/rsft_data.jsonl")]
+    assert len(finals) == 4 * len(ranked) and finals.count("<think>twice</think>\n<answer>[2, 2, 1, 4, 5]</answer>") == len(ranked)
     # require_tool: only the tool-using trajectory survives; out_dir relative to the working directory this time
     monkeypatch.chdir(root)
     run_stage("rsft", args + ["--out_dir=tool", "--require_tool=True", "--shuffle_window=False"])
@@ -87,8 +94,15 @@ def test_rsft_keeps_only_well_formed_trajectories_that_rank_the_positive_first(r
     second = [qid for qid, order in orders.items() if order[1] == positives[qid]]
     assert 0 < len(second) < len(ranked)  # this seed puts some positives second and not others
     records = common.read_jsonl(f"{root}/shuffled/rsft_data.jsonl")
-    assert sorted(r["qid"] for r in records) == sorted(second * 2)
+    assert sorted(r["qid"] for r in records) == sorted(second * 3)
     assert all(r["images"][:5] == [pool[d]["img_path"] for d in orders[r["qid"]]] for r in records)
+
+
+def test_is_ranking_accepts_one_pick_or_the_whole_window_once():
+    assert task.is_ranking([2], 5) and task.is_ranking([3, 1, 2, 5, 4], 5)
+    assert not task.is_ranking([4, 1, 2, 4, 4, 5], 5)  # duplicates (a sampled answer RSFT once kept)
+    assert not task.is_ranking([2, 1, 3], 5)           # part of the window
+    assert not task.is_ranking([6], 5) and not task.is_ranking([1, 2, 3, 4, 0], 5)  # out of range
 
 
 def test_rsft_records_train_with_the_sft_renderer(rsft_setup, toy_data, tokenizer):
