@@ -75,9 +75,10 @@ def settings(quick):
         # on the two seeds (lab notes)
         "rsft": ["--exclude_queries_in=sft/cold_start.jsonl", f"--n_queries={pick(64, 4)}", "--n_samples=4", "--batch_queries=8", "--epochs=1", "--batch_size=8",
                  "--learning_rate=1e-4", f"--temperature={temperature}", f"--max_new_tokens={pick(256, 48)}", "--require_tool=True"],
-        # 16 samples of 4 prompts a step: more groups that hold a rare right verdict (lab notes); 64 held-out
-        # training queries of every kind watched every 5 steps, the best one the GRPO row
-        "grpo": [f"--max_steps={pick(15, 2)}", f"--prompts_per_step={pick(4, 2)}", f"--group_size={pick(16, 2)}",
+        # 16 samples of 2 prompts a step, 30 steps: more groups that hold a rare right verdict, and twice the
+        # updates of 4 prompts x 15 steps for the same rollouts (lab notes); 64 held-out training queries of
+        # every kind watched every 5 steps, the best one the GRPO row
+        "grpo": [f"--max_steps={pick(30, 2)}", "--prompts_per_step=2", f"--group_size={pick(16, 2)}",
                  "--learning_rate=1e-4", "--warmup_steps=2", f"--temperature={temperature}", f"--max_new_tokens={pick(256, 48)}",
                  "--micro_batch_size=8", f"--eval_prompts={pick(64, 2)}", f"--eval_every={pick(5, 1)}",
                  "--exclude_queries_in=sft/cold_start.jsonl"],
