@@ -27,8 +27,10 @@ first update and clipping matters. Under torchrun the policy is sharded with FSD
 weights once (engine.unsharded), so ranks that generate different lengths never meet in a collective.
 """
 
+import functools
 import os
 import time
+import types
 
 import numpy as np
 import torch
@@ -90,6 +92,8 @@ eval_prompts = 0           # training queries (excluded or not) held out of the 
 eval_every = 10            # the policy's greedy top-1 watched during training ({out_dir}/eval.jsonl; 0 prompts = off)
 keep_best = True           # with eval_prompts: the weights of the best evaluation so far (top-1, then reward; the
                            # earliest on ties, the start policy included) also go to {out_dir}/best, in dtype
+best_min_z = 0.0           # > 0: a new best only if task.paired_gain over the best exceeds this (a gain of a few
+                           # held-out prompts is noise: docs/lab_notes.md); 0 = any higher top-1, then reward
 save_every = 50            # also checkpoint every N steps (0 = only at the end)
 resume = True              # continue from {out_dir}/model if a trainer state is there
 wandb_log = False          # log to wandb (must be installed); else a no-op stand-in
@@ -186,11 +190,6 @@ def all_reduce_sums(sums, device, world_size):
     return sums
 
 
-class NoWandb:
-    def log(self, *args, **kwargs):
-        pass
-
-
 def check_settings(world_size):
     if reward not in ("paper", "release"):
         raise ValueError(f"reward={reward!r}: expected 'paper' or 'release'")
@@ -252,9 +251,10 @@ def greedy_eval(engine, held_out, rank, world_size, benchmark, load):
     trajs = engine.generate(prompts, 1, 0.0, 1.0, max_new_tokens, max_response_tokens, seed=seed)
     rewards = [task.group_rewards([t["final_text"]], [t["n_valid_calls"]], p, reward, use_tools)[0]
                for t, p in zip(trajs, positives)]
-    sums = {"top1": sum(task.positive_rank(t["final_text"], p) == 1 for t, p in zip(trajs, positives)),
-            "reward": sum(rewards), "n": len(trajs)}
-    return sums
+    hits = [0] * len(held_out)  # every held-out prompt's top-1 hit, 0 for other ranks' prompts (summed over ranks)
+    for j, t, p in zip(js, trajs, positives):
+        hits[j] = int(task.positive_rank(t["final_text"], p) == 1)
+    return {"top1": sum(hits), "reward": sum(rewards), "n": len(trajs)}, hits
 
 
 def score(trajs, positives):
@@ -303,16 +303,11 @@ def main():
     engine = Engine(model, processor, use_tools, max_calls, tool_min_pixels, tool_max_pixels, gen_kv_gib, compute_dtype)
     image_token_id, pad_id = model.config.image_token_id, processor.tokenizer.pad_token_id
     hp = {k: globals()[k] for k in UPDATE_KEYS}
-    wandb = NoWandb()
+    wandb = types.SimpleNamespace(log=lambda *args, **kwargs: None)  # a no-op stand-in unless wandb_log
     if wandb_log and rank == 0:
         import wandb as wandb_module
         wandb = wandb_module.init(project=wandb_project, config={k: v for k, v in globals().items() if k in CONFIG_KEYS})
-    originals = {}
-
-    def load(rel):
-        if rel not in originals:
-            originals[rel] = common.load_image(common.resolve_path(rel, data_root))
-        return originals[rel]
+    load = functools.lru_cache(maxsize=None)(lambda rel: common.load_image(common.resolve_path(rel, data_root)))  # originals, once
 
     # the held-out prompts are drawn from every training query, the excluded ones too, so that the watch sees the
     # skills the start policy already has as well as the ones RL works on; the stream is the rest, minus exclusions
@@ -323,7 +318,7 @@ def main():
         raise ValueError(f"eval_prompts={eval_prompts}: must leave some of the {len(prompt_qids)} prompts of {ranked_train} to train on")
     eval_path = os.path.join(out_dir, "eval.jsonl")
     best_path = os.path.join(out_dir, "best")
-    best = None  # the best evaluation so far, (top1, reward): its weights are in best_path
+    best, best_hits = None, []  # the best evaluation so far, (top1, reward), and its hits: its weights are in best_path
     if held_out:
         evals, _ = common.read_jsonl_resumable(eval_path, "step")
         evals = [x for x in evals if x["step"] < start]  # the evaluations of the steps the checkpoint holds
@@ -332,19 +327,25 @@ def main():
         saved = common.read_json(os.path.join(best_path, "best.json")) if os.path.exists(os.path.join(best_path, "best.json")) else None
         if keep_best and saved and saved["step"] < start:  # else it is from steps run again now, or none
             best = (saved["top1"], saved["reward"])
+            best_hits = saved.get("hits", [])
 
     def watch(step):  # step = updates done so far
-        nonlocal best
+        nonlocal best, best_hits
         model.eval()
         with torch.no_grad():
-            sums = all_reduce_sums(greedy_eval(engine, held_out, rank, world_size, benchmark, load), device, world_size)
+            sums, hits = greedy_eval(engine, held_out, rank, world_size, benchmark, load)
+        sums = all_reduce_sums(sums, device, world_size)
+        hits = [int(h) for h in all_reduce_sums(dict(enumerate(hits)), device, world_size).values()]  # all prompts', every rank
         line = {"step": step, "top1": sums["top1"] / sums["n"], "reward": sums["reward"] / sums["n"], "prompts": int(sums["n"])}
         print0(f"eval after {step} steps: greedy top1 {line['top1']:.3f} | reward {line['reward']:.3f} on {line['prompts']} held-out prompts")
         if rank == 0:
             common.append_jsonl(eval_path, [line])
-        if keep_best and (best is None or (line["top1"], line["reward"]) > best):  # same values on every rank
-            best = (line["top1"], line["reward"])
-            checkpoint.save_weights(model, processor, best_path, compute_dtype, {"best.json": line})
+        if best_min_z > 0 and best is not None and len(best_hits) != len(hits):  # a best.json of an older run
+            raise ValueError(f"best_min_z={best_min_z}: {best_path}/best.json holds no top-1 hits of these {len(hits)} prompts")
+        better = best is None or ((line["top1"], line["reward"]) > best if best_min_z <= 0 else task.paired_gain(hits, best_hits) > best_min_z)
+        if keep_best and better:  # same values on every rank
+            best, best_hits = (line["top1"], line["reward"]), hits
+            checkpoint.save_weights(model, processor, best_path, compute_dtype, {"best.json": {**line, "hits": hits}})
             print0(f"best so far: saved to {best_path}")
     print0(f"GRPO on {len(order)} training prompts ({len(held_out)} held out): {max_steps} steps of {prompts_per_step} prompts x {group_size}, "
            f"reward {reward}, tools {'on' if use_tools else 'off'}, from {start_from}")

@@ -363,3 +363,11 @@ def accepted(traj, positive, require_tool=False, n_candidates=None):
     answer = parse_answer(final[final.find("</think>"):]) if ok else None
     ok = ok and bool(answer) and answer[0] == positive and (n_candidates is None or is_ranking(answer, n_candidates))
     return ok and (traj["n_valid_calls"] > 0 or not require_tool)
+
+
+def paired_gain(hits, best_hits):
+    """(wins - losses) / sqrt(wins + losses) of one evaluation's top-1 hits (0 or 1 per held-out prompt) against
+    the best's on the same prompts: a sign test's z; 0.0 where they agree on every prompt."""
+    wins = sum(h > b for h, b in zip(hits, best_hits))
+    losses = sum(h < b for h, b in zip(hits, best_hits))
+    return (wins - losses) / (wins + losses) ** 0.5 if wins + losses else 0.0

@@ -290,9 +290,39 @@ def test_held_out_prompts_are_watched_greedily_and_never_trained_on(toy_data, gr
     # keep_best: {out_dir}/best holds the weights of the best evaluation (top-1, then reward, the earliest on
     # ties): they rerank the held-out prompts to the recorded reward, and a resumed run keeps the same one
     best = common.read_json(str(tmp_path / "straight/best/best.json"))
-    assert best == max(evals, key=lambda e: (e["top1"], e["reward"], -e["step"]))
+    assert {k: v for k, v in best.items() if k != "hits"} == max(evals, key=lambda e: (e["top1"], e["reward"], -e["step"]))
+    assert len(best["hits"]) == 2 and sum(best["hits"]) / 2 == best["top1"]  # each held-out prompt's top-1 hit
     assert sum(held_out_rewards(str(tmp_path / "straight/best"), held, module, benchmark, toy_data)) / 2 == pytest.approx(best["reward"])
     assert common.read_json(str(tmp_path / "resumed/best/best.json")) == best
+
+
+def test_paired_gain_on_a_hand_made_example():
+    # prompt by prompt against the best: wins at 1 and 4, a loss at 2, ties at 0 and 3
+    assert task.paired_gain([1, 1, 0, 0, 1], [1, 0, 1, 0, 0]) == pytest.approx(1 / math.sqrt(3))
+    assert task.paired_gain([0, 1, 1, 1], [1, 0, 0, 0]) == pytest.approx(2 / 2)
+    assert task.paired_gain([1, 0, 1], [1, 0, 1]) == 0.0  # the same hits: no evidence either way
+    # the same top-1 rate (3 of 6) can hide 3 wins and 3 losses: no gain at all
+    assert task.paired_gain([1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1]) == 0.0
+
+
+def test_best_min_z_keeps_the_start_without_a_paired_gain(toy_data, grpo_setup, tmp_path):
+    """best_min_z > 0: a later evaluation replaces the best only on a paired top-1 gain beyond it, never on reward
+    alone; a resumed run keeps the same best, and one whose best.json holds no hits says so."""
+    extra = ["--eval_prompts=2", "--eval_every=1", "--best_min_z=100.0"]  # 2 prompts: the gain is at most sqrt(2)
+    run_grpo(script_args(toy_data, grpo_setup, tmp_path / "straight", 2) + extra)
+    evals = common.read_jsonl(str(tmp_path / "straight/eval.jsonl"))
+    best = common.read_json(str(tmp_path / "straight/best/best.json"))
+    assert [e["step"] for e in evals] == [0, 1, 2] and best["step"] == 0
+    assert max(e["reward"] for e in evals) > evals[0]["reward"]  # the default rule would have moved on: reward alone
+    assert {k: v for k, v in best.items() if k != "hits"} == evals[0]
+    run_grpo(script_args(toy_data, grpo_setup, tmp_path / "resumed", 1) + extra)
+    run_grpo(script_args(toy_data, grpo_setup, tmp_path / "resumed", 2) + extra)
+    assert common.read_json(str(tmp_path / "resumed/best/best.json")) == best
+    run_grpo(script_args(toy_data, grpo_setup, tmp_path / "old", 1) + extra)
+    saved = common.read_json(str(tmp_path / "old/best/best.json"))
+    common.write_json(str(tmp_path / "old/best/best.json"), {k: v for k, v in saved.items() if k != "hits"})
+    with pytest.raises(ValueError, match="best_min_z=100.0: .* no top-1 hits"):
+        run_grpo(script_args(toy_data, grpo_setup, tmp_path / "old", 2) + extra)
 
 
 def held_out_rewards(model_dir, held, module, benchmark, toy_data):
